@@ -1,0 +1,5 @@
+import sys
+
+from bigexp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,143 @@
+"""The typed config schema: one dataclass per YAML section, a help string per field.
+
+Field metadata carries what the validator checks beyond the type:
+  gt / ge / lt / le   numeric bounds (exclusive / inclusive)
+  choices             allowed values (for str fields)
+The cross-field checks (batch divisible by ranks x accumulation, the exponential form's existence
+condition) live in `bigexp.config.validate`, which names the key path and the file it came from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+def f(default, help: str, **checks):
+    """A dataclass field with a help string and validator checks in its metadata."""
+    meta = {"help": help, **checks}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    name: str = f("run", "Run name; the run directory is <out_dir>/<name>.")
+    out_dir: str = f("runs", "Where run directories (TensorBoard events, checkpoints, resolved config) go.")
+    seed: int = f(0, "Seed for weights, data order and augmentation.", ge=0)
+    epochs: int = f(1, "Training epochs.", gt=0)
+    max_steps: Optional[int] = f(None, "Stop after this many optimizer steps (smoke tests); null = all epochs.", gt=0)
+    eval_every_epochs: int = f(1, "Validate every N epochs (and always after the last).", gt=0)
+    checkpoint_every_steps: Optional[int] = f(None, "Also checkpoint every N steps; null = only at epoch ends.", gt=0)
+    keep_checkpoints: int = f(3, "Keep the newest K checkpoints.", gt=0)
+    resume: str = f("auto", "'auto' (newest valid checkpoint in the run directory, else start), 'never', or a checkpoint path.")
+    device: str = f("auto", "auto | cpu | cuda.", choices=["auto", "cpu", "cuda"])
+    threads: Optional[int] = f(None, "torch CPU threads per rank; null = cores / local ranks.", gt=0)
+    deterministic: bool = f(False, "Deterministic algorithms (exact resume on CPU is exact either way).")
+    progress: bool = f(True, "Progress bar on rank 0.")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = f("fashion_mnist", "fashion_mnist | imagenet.", choices=["fashion_mnist", "imagenet"])
+    source: str = f("/usr/share/datasets/fashion-mnist",
+                    "What `bigexp data write` reads: the Fashion-MNIST idx directory, or an ImageFolder root "
+                    "(<root>/train/<wnid>/*.JPEG and <root>/val/... for imagenet).")
+    train_beton: str = f("data/fmnist_train.beton", "FFCV file for training (written if missing and write_missing).")
+    val_beton: str = f("data/fmnist_test.beton", "FFCV file for validation.")
+    write_missing: bool = f(True, "Write the .beton files from `source` when they do not exist.")
+    batch_size: int = f(256, "Global batch size: across all ranks and accumulation steps.", gt=0)
+    num_workers: int = f(2, "FFCV decoding threads per rank.", ge=1)
+    min_res: int = f(32, "Training resolution at the start of the ramp (px).", gt=0)
+    max_res: int = f(32, "Training resolution at the end of the ramp (px).", gt=0)
+    start_ramp_epoch: int = f(0, "Epoch at which progressive resizing starts.", ge=0)
+    end_ramp_epoch: int = f(0, "Epoch at which the resolution reaches max_res.", ge=0)
+    val_res: int = f(32, "Validation resolution (centre crop with ratio 224/256 for imagenet).", gt=0)
+    os_cache: bool = f(False, "Let the OS page cache hold the file (FFCV os_cache) instead of FFCV's own.")
+    random_crop: bool = f(True, "Random-resized-crop + flip on train (off: centre crop, no flip).")
+    fmnist_size: int = f(32, "Fashion-MNIST images are resized to this (px) when written.", gt=0)
+    write_max_res: int = f(256, "Longest side stored when writing an ImageFolder (px).", gt=0)
+    write_jpeg_quality: int = f(90, "JPEG quality when writing compressed images.", ge=1, le=100)
+    write_compress_probability: float = f(0.5, "Fraction of images stored as JPEG (rest raw).", ge=0, le=1)
+    write_mode: str = f("proportion", "FFCV image write mode: raw | jpg | proportion | smart.",
+                        choices=["raw", "jpg", "proportion", "smart"])
+    skip_corrupt: bool = f(False, "Skip unreadable images when writing, reporting how many.")
+    channels_last: bool = f(True, "Batches in channels-last memory format.")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = f("fmnist_resnet", "resnet50 | resnet18 | preact_resnet32 | fmnist_resnet.",
+                  choices=["resnet50", "resnet18", "preact_resnet32", "fmnist_resnet"])
+    num_classes: int = f(10, "Classifier outputs.", gt=0)
+    width: int = f(16, "Base width of the small nets (preact_resnet32, fmnist_resnet).", gt=0)
+    zero_init_residual: bool = f(False, "Zero-init the last BN gamma of each residual block.")
+    freeze_classifier: bool = f(False, "Keep the classifier at its random init (the paper's option).")
+    norm_affine: str = f("train", "Norm-layer gamma/beta: train | freeze | off.", choices=["train", "freeze", "off"])
+    bn_eps: float = f(1e-5, "BatchNorm eps. Non-zero eps is what breaks exact scale invariance.", gt=0)
+    channels_last: bool = f(True, "Model in channels-last memory format.")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = f("sgd", "sgd (baseline arm: torch SGD with weight decay) | expsgd (exponential-LR arm).",
+                       choices=["sgd", "expsgd"])
+    lr: float = f(0.1, "Base learning rate (peak, after warmup).", gt=0)
+    lr_reference_batch: Optional[int] = f(None, "If set, lr is multiplied by batch_size / this (linear scaling).", gt=0)
+    momentum: float = f(0.9, "Momentum gamma.", ge=0, lt=1)
+    weight_decay: float = f(1e-4, "Weight decay lambda of the base schedule.", ge=0)
+    plain_weight_decay: Optional[float] = f(None, "Weight decay for non-invariant params (norm affine, biases, "
+                                                  "classifier); null = weight_decay.", ge=0)
+    nesterov: bool = f(False, "Nesterov momentum (baseline only; expsgd refuses it).")
+    renorm_every: int = f(100, "expsgd: renormalise invariant groups every N steps.", gt=0)
+    renorm_band: float = f(16.0, "expsgd: also renormalise when a group's norm leaves [n0/band, n0*band].", gt=1)
+    invariance_check_tol: float = f(1e-3, "Relative output change allowed when verifying scale invariance.", gt=0)
+    label_smoothing: float = f(0.0, "Cross-entropy label smoothing.", ge=0, lt=1)
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = f("step", "constant | step | cosine | linear (per-step base LR shape).",
+                  choices=["constant", "step", "cosine", "linear"])
+    milestones: list = f([], "step: epochs at which LR is multiplied by gamma.")
+    gamma: float = f(0.1, "step: decay factor at each milestone.", gt=0, le=1)
+    warmup_epochs: float = f(0.0, "Linear warmup from warmup_start_factor * lr, in epochs.", ge=0)
+    warmup_start_factor: float = f(0.1, "LR factor at step 0 of warmup.", gt=0, le=1)
+    final_factor: float = f(0.0, "cosine/linear: LR factor at the last step.", ge=0, le=1)
+    weight_decay_follows_lr: bool = f(False, "Scale lambda_t with the LR factor too (default: constant lambda).")
+
+
+@dataclass
+class EngineConfig:
+    precision: str = f("fp32", "fp32 | bf16 | fp16 (fp16 needs a GPU; dynamic loss scaling).",
+                       choices=["fp32", "bf16", "fp16"])
+    zero_stage: int = f(0, "DeepSpeed ZeRO stage (0 or 1).", ge=0, le=1)
+    grad_accum: int = f(1, "Gradient accumulation steps.", gt=0)
+    initial_loss_scale_power: int = f(16, "fp16: initial loss scale 2**N.", ge=0, le=32)
+    gradient_clipping: float = f(0.0, "Clip global grad norm (0 = off).", ge=0)
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = f(True, "Write TensorBoard events on rank 0.")
+    every_steps: int = f(10, "Scalars every N optimizer steps.", gt=0)
+    plots: bool = f(True, "Write PNG plots of the curves at the end.")
+
+
+@dataclass
+class CompareConfig:
+    arms: list = f(["sgd", "expsgd"], "Arms to run, by optim.optimizer value, same seed and data order.")
+    probe_every_steps: int = f(50, "Lockstep compare: measure the equivalence gap every N steps.", gt=0)
+    probe_batch: int = f(64, "Size of the fixed probe batch for the gap.", gt=0)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
