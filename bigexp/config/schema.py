@@ -40,9 +40,12 @@ class RunConfig:
 @dataclass
 class DataConfig:
     dataset: str = f("fashion_mnist", "fashion_mnist | imagenet.", choices=["fashion_mnist", "imagenet"])
-    source: str = f("/usr/share/datasets/fashion-mnist",
-                    "What `bigexp data write` reads: the Fashion-MNIST idx directory, or an ImageFolder root "
-                    "(<root>/train/<wnid>/*.JPEG and <root>/val/... for imagenet).")
+    train_source: str = f("/usr/share/datasets/fashion-mnist",
+                          "What `bigexp data write` reads for training: the Fashion-MNIST idx directory "
+                          "(train split), or an ImageFolder root <root>/<wnid>/*.JPEG for imagenet. "
+                          "Relative paths are relative to the working directory.")
+    val_source: str = f("/usr/share/datasets/fashion-mnist",
+                        "Same for validation (Fashion-MNIST: the t10k split of that directory).")
     train_beton: str = f("data/fmnist_train.beton", "FFCV file for training (written if missing and write_missing).")
     val_beton: str = f("data/fmnist_test.beton", "FFCV file for validation.")
     write_missing: bool = f(True, "Write the .beton files from `source` when they do not exist.")
