@@ -1,0 +1,194 @@
+"""Atomic, self-checking checkpoints around DeepSpeed's save/load.
+
+Layout: <run>/checkpoints/step000001234/ holds DeepSpeed's files for that step, one `rng_rank<r>.pt` per rank and a
+`manifest.json` (sizes and sha256 of every file, the model signature, world size). A checkpoint is written under
+`.tmp-step…` and renamed into place only after every rank has finished and the manifest is on disk, so a kill at any
+moment leaves the previous checkpoint loadable; a truncated or corrupt one fails its manifest check and is skipped
+with a warning naming it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bigexp.distributed import DistContext
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def model_signature(model: torch.nn.Module) -> dict:
+    """What a checkpoint must match to be loadable into this model: parameter names and shapes."""
+    shapes = {n: list(p.shape) for n, p in model.named_parameters()}
+    digest = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
+    return {"num_params": int(sum(p.numel() for p in model.parameters())), "shapes_sha": digest}
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def verify_checkpoint(path: Path, *, deep: bool = True) -> dict:
+    """Return the manifest if every file is present with its recorded size (and hash, when deep); else raise."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST} (incomplete checkpoint)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{mpath}: unreadable manifest ({e})") from e
+    for rel, meta in manifest.get("files", {}).items():
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (listed in {mpath})")
+        if f.stat().st_size != meta["size"]:
+            raise CheckpointError(f"{f}: size {f.stat().st_size} != {meta['size']} recorded (truncated?)")
+        if deep and _sha256(f) != meta["sha256"]:
+            raise CheckpointError(f"{f}: sha256 differs from the manifest (corrupt)")
+    return manifest
+
+
+class CheckpointManager:
+    def __init__(self, root: Path, ctx: DistContext, keep: int = 3):
+        self.root = Path(root)
+        self.ctx = ctx
+        self.keep = keep
+
+    @staticmethod
+    def tag(global_step: int) -> str:
+        return f"step{global_step:09d}"
+
+    def list(self) -> list[Path]:
+        """Finished checkpoints, newest first (by step in the name; temp dirs excluded)."""
+        if not self.root.is_dir():
+            return []
+        dirs = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step")]
+        return sorted(dirs, key=lambda p: p.name, reverse=True)
+
+    def save(self, engine, client_state: dict, global_step: int, signature: dict) -> Path:
+        """Collective: every rank calls it. Returns the final checkpoint directory."""
+        tag = self.tag(global_step)
+        tmp_tag = f".tmp-{tag}"
+        tmp = self.root / tmp_tag
+        if self.ctx.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.ctx.barrier()
+        engine.ds.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), tmp / f"rng_rank{self.ctx.rank}.pt")
+        self.ctx.barrier()
+        final = self.root / tag
+        if self.ctx.is_main:
+            files = {}
+            for f in sorted(tmp.rglob("*")):
+                if f.is_file():
+                    files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+            manifest = {"global_step": global_step, "world_size": self.ctx.world_size,
+                        "model": signature, "files": files}
+            atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+            if final.exists():  # the same step saved again after a resume: replace it whole
+                old = self.root / f".old-{tag}"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(self.root)
+            for stale in self.list()[self.keep:]:
+                shutil.rmtree(stale, ignore_errors=True)
+        self.ctx.barrier()
+        return final
+
+    def find_resumable(self, spec: str) -> Path | None:
+        """'auto': the newest checkpoint that passes its manifest check (warning for each one skipped);
+        'never': None; anything else: that path, which must be valid."""
+        if spec == "never":
+            return None
+        if spec != "auto":
+            p = Path(spec)
+            verify_checkpoint(p)
+            return p
+        chosen = None
+        if self.ctx.is_main:
+            for p in self.list():
+                try:
+                    verify_checkpoint(p)
+                    chosen = str(p)
+                    break
+                except CheckpointError as e:
+                    warnings.warn(f"skipping checkpoint {p}: {e}")
+        chosen = self.ctx.broadcast_object(chosen)
+        return Path(chosen) if chosen else None
+
+    def load(self, engine, path: Path, signature: dict) -> dict:
+        """Collective. Restores engine (weights, optimizer, scheduler) and this rank's RNG; returns client state."""
+        path = Path(path)
+        manifest = verify_checkpoint(path, deep=False)
+        if manifest.get("model") != signature:
+            raise CheckpointError(
+                f"{path}: written for a different model ({manifest.get('model')}); this run builds {signature}. "
+                f"Point run.out_dir/run.name elsewhere or use --resume never.")
+        if manifest.get("world_size") != self.ctx.world_size and engine.sharded:
+            raise CheckpointError(
+                f"{path}: written by {manifest.get('world_size')} ranks with sharded optimizer state; this run has "
+                f"{self.ctx.world_size}. Resume with the same number of ranks.")
+        load_path, client = engine.ds.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+        if load_path is None:
+            raise CheckpointError(f"{path}: DeepSpeed could not load it")
+        rng_file = path / f"rng_rank{self.ctx.rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return client or {}

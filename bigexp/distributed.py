@@ -1,0 +1,115 @@
+"""Process-group setup from the launcher's environment (torchrun, the deepspeed launcher, or SLURM's srun).
+
+One process per GPU, or CPU ranks on gloo when there is no GPU. Everything here is a thin layer over
+torch.distributed so the training loop can call `dist_ctx.all_reduce_sum(...)` without caring whether it runs alone.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def initialized(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.initialized and self.world_size > 1:
+            dist.barrier()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.initialized and self.world_size > 1:
+            # gloo has no bf16/fp16 reductions on CPU: reduce in fp32 and cast back.
+            if t.dtype in (torch.bfloat16, torch.float16):
+                tmp = t.float()
+                dist.all_reduce(tmp)
+                t.copy_(tmp)
+            else:
+                dist.all_reduce(t)
+        return t
+
+    def broadcast_object(self, obj, src: int = 0):
+        if not (self.initialized and self.world_size > 1):
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+
+def _env_int(*names: str, default: int) -> int:
+    for n in names:
+        if os.environ.get(n, "") != "":
+            return int(os.environ[n])
+    return default
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Initialise torch.distributed from the environment if a launcher set it up, else run as one process.
+
+    torchrun and the deepspeed launcher set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; under a bare `srun`
+    we read SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and expect MASTER_ADDR/MASTER_PORT from the sbatch script.
+    """
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=world)
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device = cuda, but no CUDA device is visible to this process")
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = torch.device("cpu")
+    # DeepSpeed reads these; under srun they are not set by the launcher.
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    if not dist.is_initialized():
+        # DeepSpeed wants a process group even for one rank; a free port keeps concurrent single runs apart.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500" if world > 1 else str(_free_port()))
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(minutes=int(os.environ.get("BIGEXP_DIST_TIMEOUT_MIN", "30"))),
+        )
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world, device=dev)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly.
+
+    A barrier first, so no rank tears down gloo while another still sends (the cause of the
+    `terminate called without an active exception` aborts seen at exit with deepspeed 0.19.8 on gloo).
+    """
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()

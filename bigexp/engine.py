@@ -1,0 +1,94 @@
+"""The DeepSpeed engine: its JSON config from ours, and `build_engine` around a client optimizer.
+
+Why the optimizer is built by us and handed to DeepSpeed as a *client* optimizer: ExpSGD must run on the fp32 masters
+that DeepSpeed keeps apart from the low-precision model. Every wrapper (BF16_Optimizer, ZeRO 1, the unfused
+fp16/bf16 optimizer) calls the client's `step()` on the masters and then copies them into the model, so a
+renormalisation done inside `ExpSGD.step()` reaches the model by itself. A bare in-place scale of the model's weights
+would be overwritten by the masters at the next step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from bigexp.config.schema import Config
+from bigexp.distributed import DistContext
+
+
+def deepspeed_config(cfg: Config, *, world_size: int) -> dict:
+    """DeepSpeed's JSON config for one run. Batch sizes are checked by `bigexp.config.validate` beforehand."""
+    eng = cfg.engine
+    micro = cfg.data.batch_size // (world_size * eng.grad_accum)
+    ds: dict = {
+        "train_batch_size": cfg.data.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": eng.grad_accum,
+        "steps_per_print": 10**12,  # we log ourselves
+        "wall_clock_breakdown": False,
+        # ExpSGD and torch SGD are not on DeepSpeed's list of ZeRO-tested optimizers; both are elementwise
+        # (plus ExpSGD's group norm, which goes through an all-reduce under sharding), so ZeRO 1 is safe.
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": eng.zero_stage},
+        "gradient_clipping": eng.gradient_clipping,
+    }
+    if eng.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+        # DeepSpeed 0.19.8 leaves buffers fp32 while casting params to bf16; BatchNorm then fails with
+        # "expected scalar type BFloat16 but found Float". Casting buffers keeps BN in one dtype.
+        ds["data_types"] = {"buffer_dtype": "bf16"}
+        if eng.zero_stage == 1:
+            # fp32 gradient accumulation selects BF16_Optimizer (flat fp32 master shards).
+            ds["data_types"]["grad_accum_dtype"] = "fp32"
+    elif eng.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": eng.initial_loss_scale_power,
+                      "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    return ds
+
+
+def masters_are_sharded(engine) -> bool:
+    """True when the client optimizer's params are flat 1-D shards of the masters (ZeRO 1, BF16_Optimizer).
+
+    Then a group's norm needs the sum of squares from every data-parallel rank.
+    """
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    return isinstance(engine.optimizer, (BF16_Optimizer, DeepSpeedZeroOptimizer))
+
+
+@dataclass
+class Engine:
+    """The DeepSpeed engine plus what the loop needs beside it."""
+    ds: object                      # deepspeed.DeepSpeedEngine
+    client_optimizer: torch.optim.Optimizer
+    scheduler: object               # bigexp.optim.schedules.ParamGroupScheduler
+    dtype: torch.dtype              # dtype the model's inputs must have
+    sharded: bool
+
+    def loss_scale(self) -> float | None:
+        opt = self.ds.optimizer
+        for attr in ("cur_scale", "loss_scale"):
+            v = getattr(opt, attr, None)
+            if isinstance(v, (int, float)):
+                return float(v)
+        return None
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 make_scheduler: Callable[[torch.optim.Optimizer], object], ctx: DistContext) -> Engine:
+    """Wrap model + client optimizer in a DeepSpeed engine; wire ExpSGD's norm reduction when masters are sharded."""
+    import deepspeed
+
+    if cfg.engine.precision == "fp16" and ctx.device.type != "cuda":
+        raise ValueError("engine.precision = fp16 needs a GPU (DeepSpeed's fp16 path has no CPU kernels); "
+                         "use bf16 on CPU")
+    ds_cfg = deepspeed_config(cfg, world_size=ctx.world_size)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=ds_cfg, dist_init_required=False)
+    sharded = masters_are_sharded(engine)
+    if sharded and hasattr(optimizer, "norm_reduce"):
+        optimizer.norm_reduce = ctx.all_reduce_sum
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.engine.precision]
+    return Engine(ds=engine, client_optimizer=optimizer, scheduler=scheduler, dtype=dtype, sharded=sharded)

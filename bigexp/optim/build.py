@@ -1,0 +1,73 @@
+"""`build_optimizer`: the two arms from one config section.
+
+Both arms get the SAME param groups (invariant weights with weight decay λ, everything else in a plain group with
+`plain_weight_decay`), so the baseline (torch SGD) and the exp-LR arm (ExpSGD) differ in the optimizer class only:
+that is what makes them comparable and, on the invariant groups, exactly equivalent.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from bigexp.config.schema import Config
+
+
+@dataclass
+class BuiltOptimizer:
+    optimizer: torch.optim.Optimizer
+    report: object                      # bigexp.optim.invariance.InvarianceReport
+    on_renorm: Optional[Callable[[int, float], None]]
+    base_lr: float
+    group_names: list
+
+
+def effective_lr(cfg: Config) -> float:
+    """optim.lr after linear batch scaling (lr × batch / lr_reference_batch), the η the math uses."""
+    lr = cfg.optim.lr
+    if cfg.optim.lr_reference_batch:
+        lr = lr * cfg.data.batch_size / cfg.optim.lr_reference_batch
+    return lr
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, example_input: torch.Tensor) -> BuiltOptimizer:
+    from bigexp.optim.expsgd import ExpSGD
+    from bigexp.optim.invariance import param_groups, running_stats_rescaler
+
+    oc = cfg.optim
+    lr = effective_lr(cfg)
+    groups, report = param_groups(model, example_input, lr=lr, weight_decay=oc.weight_decay,
+                                  plain_weight_decay=oc.plain_weight_decay, tol=oc.invariance_check_tol)
+    # DeepSpeed silently drops empty groups, which would shift the group indices on_renorm receives.
+    groups = [g for g in groups if len(g["params"]) > 0]
+    names = [g.get("name", f"group{i}") for i, g in enumerate(groups)]
+    if oc.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=oc.momentum, weight_decay=oc.weight_decay,
+                              nesterov=oc.nesterov, foreach=True)
+        on_renorm = None
+    else:
+        on_renorm = running_stats_rescaler(model, report, groups)
+        opt = ExpSGD(groups, lr=lr, momentum=oc.momentum, weight_decay=oc.weight_decay, nesterov=oc.nesterov,
+                     renorm_every=oc.renorm_every, renorm_band=oc.renorm_band, on_renorm=on_renorm)
+    return BuiltOptimizer(optimizer=opt, report=report, on_renorm=on_renorm, base_lr=lr, group_names=names)
+
+
+def group_stats(optimizer: torch.optim.Optimizer, group_names: list) -> dict:
+    """Per-group scalars for logging, for either arm: base/applied LR, weight norm, and the exp-LR bookkeeping."""
+    out = {}
+    if hasattr(optimizer, "group_stats"):
+        for name, st in zip(group_names, optimizer.group_stats()):
+            for k, v in st.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out[f"opt/{name}/{k}"] = float(v)
+        return out
+    for name, g in zip(group_names, optimizer.param_groups):
+        with torch.no_grad():
+            sq = sum(float(p.detach().float().pow(2).sum()) for p in g["params"])
+        out[f"opt/{name}/base_lr"] = float(g["lr"])
+        out[f"opt/{name}/applied_lr"] = float(g["lr"])
+        out[f"opt/{name}/weight_norm"] = sq ** 0.5
+        if sq > 0:
+            out[f"opt/{name}/effective_lr"] = float(g["lr"]) / sq
+    return out

@@ -1,0 +1,343 @@
+"""`bigexp train --config X [overrides]`: one arm (torch SGD baseline or ExpSGD) under DeepSpeed, FFCV data.
+
+Runs alone, under torchrun (single/multi-node), the deepspeed launcher, or srun. Read `train()` top to bottom:
+setup -> data -> model -> optimizer/schedule -> engine -> resume -> epochs of (steps, eval, checkpoint) -> finish.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bigexp.config.schema import Config
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    global_step: int = 0
+    epoch: int = 0
+    val: dict = field(default_factory=dict)
+    preempted: bool = False
+    history: list = field(default_factory=list)   # per-epoch dicts (val metrics, train loss)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser) -> None:
+    from bigexp.config import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--resume", default=None,
+                        help="'auto' (newest valid checkpoint of this run), 'never', or a checkpoint directory; "
+                             "overrides run.resume")
+
+
+def run(args) -> int:
+    from bigexp.config import config_from_args_or_exit
+
+    cfg = config_from_args_or_exit(args)
+    if args.resume is not None:
+        cfg.run.resume = args.resume
+    try:
+        result = train(cfg)
+    except NonFiniteLossError as e:
+        print(f"bigexp train: {e}", file=sys.stderr)
+        return 3
+    finally:
+        from bigexp.distributed import shutdown_distributed
+        shutdown_distributed()
+    return 0 if result is not None else 1
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+class PreemptionFlag:
+    """SIGUSR1/SIGTERM -> finish the current step, checkpoint, exit (SLURM's sbatch script requeues the job)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. called from a test thread)
+                pass
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
+
+
+def accuracy_counts(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[int]:
+    k_max = min(max(ks), logits.shape[1])
+    top = logits.topk(k_max, dim=1).indices
+    hit = top.eq(target.view(-1, 1))
+    return [int(hit[:, :min(k, k_max)].any(dim=1).sum()) for k in ks]
+
+
+@torch.no_grad()
+def sync_batchnorm_stats(model: torch.nn.Module, ctx) -> None:
+    """Average BN running statistics over ranks so every rank evaluates (and checkpoints) the same model."""
+    if ctx.world_size == 1:
+        return
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for buf in (m.running_mean, m.running_var):
+                if buf is not None:
+                    ctx.all_reduce_sum(buf)
+                    buf.div_(ctx.world_size)
+
+
+@torch.no_grad()
+def evaluate(engine, loader, ctx, dtype) -> dict:
+    """Val loss, top-1 and top-5 (percent) over the whole val set, summed across ranks."""
+    model = engine.ds.module
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # loss_sum, top1, top5, count
+    for x, y in loader:
+        x = x.to(ctx.device, dtype=dtype, non_blocking=True)
+        y = y.to(ctx.device, non_blocking=True)
+        logits = engine.ds(x).float()
+        sums[0] += float(F.cross_entropy(logits, y, reduction="sum"))
+        t1, t5 = accuracy_counts(logits, y)
+        sums[1] += t1
+        sums[2] += t5
+        sums[3] += y.numel()
+    ctx.all_reduce_sum(sums)
+    model.train(was_training)
+    n = max(float(sums[3]), 1.0)
+    return {"val/loss": float(sums[0]) / n, "val/top1": 100.0 * float(sums[1]) / n,
+            "val/top5": 100.0 * float(sums[2]) / n}
+
+
+def _grad_norm(engine) -> float | None:
+    try:
+        g = engine.ds.get_global_grad_norm()
+    except Exception:
+        return None
+    if g is None:
+        return None
+    return float(g)
+
+
+def _set_threads(cfg: Config, ctx) -> int:
+    n = cfg.run.threads or max(1, (os.cpu_count() or 1) // max(1, ctx.local_world_size))
+    torch.set_num_threads(n)
+    return n
+
+
+# ---------------------------------------------------------------------------------------------- train
+def train(cfg: Config, *, ctx=None, logger=None, step_hook=None) -> TrainResult:
+    """Train one arm. `step_hook(global_step, engine)` runs after every optimizer step (compare/probes, tests)."""
+    from bigexp.checkpoint import CheckpointManager, model_signature
+    from bigexp.config import save_resolved, to_dict, validate
+    from bigexp.data.loaders import build_train_loader, build_val_loader
+    from bigexp.data.write import ensure_betons
+    from bigexp.distributed import init_distributed
+    from bigexp.engine import build_engine
+    from bigexp.models import build_model
+    from bigexp.optim.build import build_optimizer, group_stats
+    from bigexp.optim.schedules import ParamGroupScheduler, build_schedule
+    from bigexp.tb import TBLogger
+
+    # --- setup: ranks, threads, seeds, run directory, the resolved config beside the logs
+    ctx = ctx or init_distributed(cfg.run.device)
+    validate(cfg, world_size=ctx.world_size)
+    threads = _set_threads(cfg, ctx)
+    torch.manual_seed(cfg.run.seed)
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, run_dir / "config.yaml")
+    ctx.barrier()
+
+    # --- data: FFCV files (written once, by rank 0), loaders sharded across ranks
+    ensure_betons(cfg.data, rank=ctx.rank, world_size=ctx.world_size, barrier=ctx.barrier,
+                  progress=cfg.run.progress and ctx.is_main)
+    micro = cfg.data.batch_size // (ctx.world_size * cfg.engine.grad_accum)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.engine.precision]
+    train_loader = build_train_loader(cfg.data, batch_size=micro, rank=ctx.rank, world_size=ctx.world_size,
+                                      seed=cfg.run.seed, dtype=dtype, device=str(ctx.device))
+    val_loader = build_val_loader(cfg.data, batch_size=micro, rank=ctx.rank, world_size=ctx.world_size,
+                                  seed=cfg.run.seed, dtype=dtype, device=str(ctx.device))
+    torch.set_num_threads(threads)  # ffcv resets torch's thread count when it builds loaders
+    steps_per_epoch = len(train_loader) // cfg.engine.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"data.batch_size = {cfg.data.batch_size} is larger than the training set "
+                         f"({cfg.data.train_beton}): no full step per epoch")
+    total_steps = cfg.run.epochs * steps_per_epoch
+    if cfg.run.max_steps:
+        total_steps = min(total_steps, cfg.run.max_steps)
+
+    # --- model and optimizer: invariant groups found from the graph and checked numerically
+    model = build_model(cfg.model)
+    check_res = min(cfg.data.val_res, 64)
+    example = torch.randn(4, 3, check_res, check_res)
+    if cfg.model.channels_last:
+        example = example.contiguous(memory_format=torch.channels_last)
+    built = build_optimizer(cfg, model, example)
+    schedule = build_schedule(cfg.schedule, steps_per_epoch, total_steps)
+    engine = build_engine(cfg, model, built.optimizer, lambda opt: ParamGroupScheduler(opt, schedule), ctx)
+    signature = model_signature(model)
+
+    # --- resume: newest valid checkpoint (weights, momentum, exp-LR state, scheduler, RNG, data position)
+    ckpt = CheckpointManager(run_dir / "checkpoints", ctx, keep=cfg.run.keep_checkpoints)
+    global_step, start_epoch, start_batch = 0, 0, 0
+    resume_path = ckpt.find_resumable(cfg.run.resume)
+    if resume_path is not None:
+        client = ckpt.load(engine, resume_path, signature)
+        global_step, start_epoch, start_batch = client["global_step"], client["epoch"], client["batch_in_epoch"]
+        if client.get("exp_state") is not None and hasattr(built.optimizer, "load_exp_state_dict"):
+            built.optimizer.load_exp_state_dict(client["exp_state"])
+        if ctx.is_main:
+            print(f"[bigexp] resumed from {resume_path} at step {global_step} (epoch {start_epoch}, "
+                  f"batch {start_batch})", flush=True)
+
+    def client_state(epoch: int, batch_in_epoch: int) -> dict:
+        exp = built.optimizer.exp_state_dict() if hasattr(built.optimizer, "exp_state_dict") else None
+        return {"global_step": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "exp_state": exp,
+                "arm": cfg.optim.optimizer, "config": to_dict(cfg)}
+
+    # --- logging (rank 0): resolved config, the param-group report, hparams at the end
+    own_logger = logger is None
+    tb = logger or TBLogger(run_dir, enabled=cfg.log.tensorboard and ctx.is_main)
+    if ctx.is_main and resume_path is None:
+        tb.text("config", (run_dir / "config.yaml").read_text())
+        tb.text("invariance", built.report.format() if hasattr(built.report, "format") else str(built.report))
+    preempt = PreemptionFlag()
+    preempt.install()
+    result = TrainResult(run_dir=run_dir, global_step=global_step, epoch=start_epoch)
+    last_renorms = None
+
+    # --- the loop
+    engine.ds.train()
+    epoch = start_epoch
+    while epoch < cfg.run.epochs and global_step < total_steps:
+        train_loader.set_epoch(epoch)
+        torch.set_num_threads(threads)
+        first_batch = start_batch if epoch == start_epoch else 0
+        batches = train_loader.iter_from(first_batch) if first_batch else iter(train_loader)
+        torch.set_num_threads(threads)
+        bar = None
+        if cfg.run.progress and ctx.is_main:
+            from tqdm import tqdm
+            bar = tqdm(total=steps_per_epoch, initial=first_batch // cfg.engine.grad_accum,
+                       desc=f"{cfg.run.name} epoch {epoch}", leave=False, dynamic_ncols=True, file=sys.stderr)
+        loss_sum, loss_n, t_log, imgs_log = 0.0, 0, time.perf_counter(), 0
+        batch_in_epoch = first_batch
+        for x, y in batches:
+            t0 = time.perf_counter()
+            x = x.to(ctx.device, dtype=dtype, non_blocking=True)
+            y = y.to(ctx.device, non_blocking=True)
+            logits = engine.ds(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
+            # One small all-reduce per micro-batch: every rank must agree to stop (NaN) or checkpoint (preempt).
+            flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, 1.0 if preempt.requested else 0.0])
+            ctx.all_reduce_sum(flags)
+            if flags[0] > 0 and cfg.engine.precision != "fp16":
+                last = ckpt.list()
+                raise NonFiniteLossError(
+                    f"non-finite loss ({float(loss)}) at step {global_step} (epoch {epoch}, batch {batch_in_epoch}) "
+                    f"of {run_dir}; nothing was applied. Last checkpoint: {last[0] if last else 'none'}")
+            engine.ds.backward(loss)
+            engine.ds.step()  # fp16: DeepSpeed skips the update and lowers the loss scale on overflow
+            batch_in_epoch += 1
+            loss_sum += float(loss.detach())
+            loss_n += 1
+            imgs_log += x.shape[0] * ctx.world_size
+            if batch_in_epoch % cfg.engine.grad_accum:
+                continue
+            global_step += 1
+            if bar is not None:
+                bar.update(1)
+            if step_hook is not None:
+                step_hook(global_step, engine)
+
+            if global_step % cfg.log.every_steps == 0 or global_step == total_steps:
+                stats = group_stats(built.optimizer, built.group_names)
+                mean_loss = torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64)
+                ctx.all_reduce_sum(mean_loss)
+                dt = time.perf_counter() - t_log
+                scalars = {"train/loss": float(mean_loss[0] / mean_loss[1]), "train/img_per_s": imgs_log / dt,
+                           "train/step_time_s": time.perf_counter() - t0, "train/grad_norm": _grad_norm(engine),
+                           "train/loss_scale": engine.loss_scale() if cfg.engine.precision == "fp16" else None,
+                           "train/epoch": epoch + batch_in_epoch / max(1, len(train_loader)), **stats}
+                renorms = sum(v for k, v in stats.items() if k.endswith("/renorm_count"))
+                if last_renorms is not None and renorms > last_renorms:
+                    scalars["events/renorm"] = renorms - last_renorms
+                last_renorms = renorms
+                tb.scalars(global_step, scalars)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", img_s=f"{scalars['train/img_per_s']:.0f}")
+                loss_sum, loss_n, t_log, imgs_log = 0.0, 0, time.perf_counter(), 0
+
+            if flags[1] > 0:  # preemption: checkpoint at this step boundary and leave
+                ckpt.save(engine, client_state(epoch, batch_in_epoch), global_step, signature)
+                if ctx.is_main:
+                    print(f"[bigexp] preempted: checkpoint at step {global_step}; rerun with --resume auto",
+                          flush=True)
+                result.preempted = True
+                break
+            if cfg.run.checkpoint_every_steps and global_step % cfg.run.checkpoint_every_steps == 0:
+                ckpt.save(engine, client_state(epoch, batch_in_epoch), global_step, signature)
+            if global_step >= total_steps:
+                break
+        if bar is not None:
+            bar.close()
+        if result.preempted:
+            break
+        end_of_epoch = batch_in_epoch >= steps_per_epoch * cfg.engine.grad_accum
+        next_epoch = epoch + 1 if end_of_epoch else epoch
+
+        # --- end of epoch (or of max_steps): consistent BN stats, eval, summary line, checkpoint
+        sync_batchnorm_stats(engine.ds.module, ctx)
+        last = global_step >= total_steps or next_epoch >= cfg.run.epochs
+        if last or (epoch + 1) % cfg.run.eval_every_epochs == 0:
+            val = evaluate(engine, val_loader, ctx, dtype)
+            torch.set_num_threads(threads)
+            tb.scalars(global_step, val)
+            result.val = val
+            result.history.append({"epoch": epoch, "global_step": global_step, **val})
+            if ctx.is_main:
+                print(f"[bigexp] {cfg.run.name} epoch {epoch} step {global_step}: val top1 {val['val/top1']:.2f}% "
+                      f"top5 {val['val/top5']:.2f}% loss {val['val/loss']:.4f}", flush=True)
+        ckpt.save(engine, client_state(next_epoch, 0 if end_of_epoch else batch_in_epoch), global_step, signature)
+        tb.flush()
+        epoch = next_epoch
+
+    # --- finish: hparams, plots, clean shutdown of the logger (the process group is the caller's)
+    preempt.restore()
+    result.global_step, result.epoch = global_step, epoch
+    if ctx.is_main and not result.preempted and result.val:
+        tb.hparams({"arm": cfg.optim.optimizer, "lr": cfg.optim.lr, "momentum": cfg.optim.momentum,
+                    "weight_decay": cfg.optim.weight_decay, "schedule": cfg.schedule.kind,
+                    "batch_size": cfg.data.batch_size, "precision": cfg.engine.precision,
+                    "arch": cfg.model.arch, "world_size": ctx.world_size},
+                   {"hparam/" + k.split("/")[1]: v for k, v in result.val.items()})
+    if own_logger:
+        tb.close()
+    if ctx.is_main and cfg.log.plots and not result.preempted:
+        try:
+            from bigexp.plots import plot_run
+            plot_run(run_dir)
+        except ImportError:
+            pass
+    return result
