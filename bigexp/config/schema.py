@@ -2,7 +2,7 @@
 
 Field metadata carries what the validator checks beyond the type:
   gt / ge / lt / le   numeric bounds (exclusive / inclusive)
-  choices             allowed values (for str fields)
+  choices             allowed values (for str fields; for list fields, of each item)
 The cross-field checks (batch divisible by ranks x accumulation, the exponential form's existence
 condition) live in `bigexp.config.validate`, which names the key path and the file it came from.
 """
@@ -102,7 +102,7 @@ class OptimConfig:
 class ScheduleConfig:
     kind: str = f("step", "constant | step | cosine | linear (per-step base LR shape).",
                   choices=["constant", "step", "cosine", "linear"])
-    milestones: list = f([], "step: epochs at which LR is multiplied by gamma.")
+    milestones: list[int] = f([], "step: epochs at which LR is multiplied by gamma (increasing, in (0, run.epochs]).")
     gamma: float = f(0.1, "step: decay factor at each milestone.", gt=0, le=1)
     warmup_epochs: float = f(0.0, "Linear warmup from warmup_start_factor * lr, in epochs.", ge=0)
     warmup_start_factor: float = f(0.1, "LR factor at step 0 of warmup.", gt=0, le=1)
@@ -129,7 +129,8 @@ class LogConfig:
 
 @dataclass
 class CompareConfig:
-    arms: list = f(["sgd", "expsgd"], "Arms to run, by optim.optimizer value, same seed and data order.")
+    arms: list[str] = f(["sgd", "expsgd"], "Arms to run, by optim.optimizer value, same seed and data order.",
+                        choices=["sgd", "expsgd"])
     probe_every_steps: int = f(50, "Lockstep compare: measure the equivalence gap every N steps.", gt=0)
     probe_batch: int = f(64, "Size of the fixed probe batch for the gap.", gt=0)
 
