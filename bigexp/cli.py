@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"bigexp {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    try:
+        # Lets KEY=VALUE config overrides sit anywhere among the options (`--config X optim.lr=0.2 --flag b=1`).
+        args = parser.parse_intermixed_args(argv[1:])
+    except TypeError:  # parsers with subcommands cannot be intermixed
+        args = parser.parse_args(argv[1:])
     return int(module.run(args) or 0)
 
 

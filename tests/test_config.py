@@ -17,7 +17,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bigexp.config import (Config, ConfigError, add_config_arguments, config_from_args, config_from_args_or_exit,
+from bigexp.config import (Config, ConfigError, add_config_arguments, arm_config, config_from_args, config_from_args_or_exit,
                            exp_lr_bound, exp_lr_exists, from_dict, load_config, save_resolved, to_dict, validate)
 from bigexp.config.schema import (CompareConfig, DataConfig, EngineConfig, LogConfig, ModelConfig, OptimConfig,
                                   RunConfig, ScheduleConfig)
@@ -311,9 +311,19 @@ def test_exp_lr_exists_iff_quadratic_has_real_positive_root(eta, lam, gamma):
 
 
 def test_exp_lr_boundary_is_inclusive():
-    # γ = 0.81: (1 − 0.9)² = 0.01 (up to rounding); ηλ exactly at it is the double root, allowed.
-    assert exp_lr_exists(0.1, 0.1, 0.81)
-    assert not exp_lr_exists(0.1, 0.1 * (1 + 1e-9), 0.81)
+    # γ = 0.25: (1 − 0.5)² = 0.25 exactly in binary; ηλ = 0.5 × 0.5 = 0.25 is the double root, allowed.
+    assert exp_lr_exists(0.5, 0.5, 0.25)
+    assert not exp_lr_exists(0.5, 0.5 * (1 + 1e-15), 0.25)
+    assert not exp_lr_exists(1.0, 1.0, 0.0)      # γ = 0: the double root is x = 0, no finite equivalent
+
+
+@settings(max_examples=200, deadline=None)
+@given(eta=st.floats(1e-4, 4.0), lam=st.floats(0.0, 0.2), gamma=st.floats(0.0, 0.999))
+def test_agrees_with_optimizer_math(eta, lam, gamma):
+    # What validates here must be what the optimizer accepts (its module is written separately).
+    expmath = pytest.importorskip("bigexp.optim.expmath")
+    assert exp_lr_exists(eta, lam, gamma) == expmath.exp_form_exists(eta, lam, gamma)
+    assert exp_lr_bound(gamma) == expmath.exp_form_bound(gamma)
 
 
 # ----------------------------------------------------------------------------- round trip
@@ -413,6 +423,15 @@ def test_cli_prints_resolved_yaml():
     assert from_dict(yaml.safe_load(res.stdout)) == expected
 
 
+def test_cli_overrides_anywhere_among_options():
+    res = _cli("optim.lr=0.3", "--config", "configs/fmnist/main.yaml", "data.batch_size=64", "--set", "run.epochs=2",
+               cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    got = yaml.safe_load(res.stdout)
+    assert (got["optim"]["lr"], got["data"]["batch_size"], got["run"]["epochs"]) == (0.3, 64, 2)
+    assert "\nrun:\n  name: fmnist_main\n" in "\n" + res.stdout          # block style, one key per line
+
+
 def test_cli_bad_config_exits_2_with_one_message(here):
     write(here, {"bad.yaml": "optim: {momentum: 1.5}\n"})
     res = _cli("--config", "bad.yaml", cwd=here)
@@ -422,6 +441,17 @@ def test_cli_bad_config_exits_2_with_one_message(here):
     res = _cli("--config", "missing.yaml", "--world-size", "2", cwd=here)
     assert res.returncode == 2 and "missing.yaml: config file not found" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_arm_config_checks_the_twin(here):
+    write(here, {"c.yaml": "optim: {optimizer: sgd, lr: 0.5, weight_decay: 0.1}\n"})
+    cfg = load_config("c.yaml")                      # fine as a plain SGD run
+    assert arm_config(cfg, "sgd") == cfg
+    with pytest.raises(ConfigError) as err:
+        arm_config(cfg, "expsgd")
+    assert "no exponential-LR equivalent" in str(err.value) and "optim.optimizer from compare.arms" in str(err.value)
+    twin = arm_config(load_config(os.path.join(REPO, "configs", "fmnist", "const_wd.yaml")), "expsgd")
+    assert twin == load_config(os.path.join(REPO, "configs", "fmnist", "const_exp.yaml"), ["run.name=fmnist_const_wd"])
 
 
 def test_config_from_args_or_exit(here, capsys, monkeypatch):

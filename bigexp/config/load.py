@@ -69,6 +69,14 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+class _Dumper(yaml.SafeDumper):
+    """Block-style sections with flow-style lists (`milestones: [30, 60, 80]`), as people write them."""
+
+
+_Dumper.add_representer(list, lambda dumper, data: dumper.represent_sequence(
+    "tag:yaml.org,2002:seq", data, flow_style=True))
+
+
 def yaml_load(text: str) -> Any:
     """Parse YAML text with the bigexp dialect (1e-4 is a float, duplicate keys are errors)."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
@@ -234,6 +242,22 @@ def from_dict(d: Mapping, source: str = "<dict>") -> Config:
     return _from_tree(tree, sources)
 
 
+def arm_config(cfg: Config, arm: str, *, world_size: int | None = None) -> Config:
+    """`cfg` for one arm of a comparison: a checked copy with optim.optimizer = arm.
+
+    An sgd config whose expsgd twin breaks the existence condition is refused here, naming
+    compare.arms as where the expsgd setting came from.
+    """
+    new = copy.deepcopy(cfg)
+    new.optim.optimizer = arm
+    srcs = dict(getattr(cfg, "_bigexp_sources", None) or {})
+    if arm != cfg.optim.optimizer:
+        srcs["optim.optimizer"] = "compare.arms"
+    _attach_sources(new, srcs)
+    validate(new, world_size=world_size)
+    return new
+
+
 def to_dict(cfg: Config) -> dict:
     """Plain nested dict of every key (defaults included); `from_dict(to_dict(c)) == c`."""
     return dataclasses.asdict(cfg)
@@ -249,7 +273,7 @@ def to_yaml(cfg: Config, *, with_sources: bool = False) -> str:
     """The resolved config as YAML text; with_sources adds `# from <file>` after each key."""
     d = to_dict(cfg)
     if not with_sources:
-        return yaml.safe_dump(d, sort_keys=False, default_flow_style=None)
+        return yaml.dump(d, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=10**6)
     srcs = config_sources(cfg)
     lines = []
     for sec, body in d.items():

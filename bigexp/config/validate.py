@@ -21,9 +21,6 @@ from bigexp.config.schema import Config
 
 DEFAULT_SOURCE = "default"
 
-# ηλ may equal the bound exactly (double root); allow float rounding of that equality case.
-_BOUND_RTOL = 1e-12
-
 
 class ConfigError(ValueError):
     """A config that cannot be used. `str(err)` is the one message to show the user."""
@@ -53,10 +50,13 @@ def exp_lr_exists(lr: float, weight_decay: float, momentum: float) -> bool:
     """Whether SGD(lr η, momentum γ, weight decay λ) has an exponential-LR equivalent.
 
     The equivalent growth rate solves x² - (1+γ-ηλ)x + γ = 0; its discriminant (1+γ-ηλ)² - 4γ is
-    >= 0 with a positive root exactly when ηλ <= (1-√γ)² (for ηλ >= 0). Equality (a double root) is
-    allowed up to a 1e-12 relative rounding slack.
+    >= 0 with a positive root exactly when ηλ <= (1-√γ)² (for ηλ >= 0). Equality is a double root,
+    allowed except at γ = 0 where the root 1 - ηλ would be 0. Same rule, exactly (no slack), as
+    `bigexp.optim.expmath.exp_form_exists`, so what validates here is what the optimizer accepts.
     """
-    return lr * weight_decay <= exp_lr_bound(momentum) * (1.0 + _BOUND_RTOL)
+    bound = exp_lr_bound(momentum)
+    x = lr * weight_decay
+    return x < bound or (x == bound and momentum > 0.0)
 
 
 def _num(x: float) -> str:
