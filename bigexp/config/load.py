@@ -119,6 +119,8 @@ def deep_merge(base: dict, overlay: Mapping, sources: dict[str, str], source: st
 
 def _read_yaml_file(path: str, named_by: str | None) -> dict:
     shown = _display_path(path)
+    if os.path.isdir(path):
+        raise ConfigError(f"{shown}: is a directory, not a YAML config file")
     if not os.path.isfile(path):
         what = "config file" if named_by is None else f"base file (named by `base:` in {named_by})"
         raise ConfigError(f"{shown}: {what} not found")

@@ -111,7 +111,9 @@ def _type_name(tp: Any) -> str:
 
 
 def _kind(v: Any) -> str:
-    return "null" if v is None else type(v).__name__
+    if v is None:
+        return "null"
+    return "mapping" if isinstance(v, Mapping) else type(v).__name__
 
 
 def _type_error(value: Any, tp: Any) -> Optional[str]:
