@@ -46,7 +46,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from bigexp.config import config_from_args_or_exit
 
-    cfg = config_from_args_or_exit(args)
+    cfg = config_from_args_or_exit(args, world_size=int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1))))
     if args.resume is not None:
         cfg.run.resume = args.resume
     try:
