@@ -144,7 +144,8 @@ def _set_threads(cfg: Config, ctx) -> int:
 
 # ---------------------------------------------------------------------------------------------- train
 def train(cfg: Config, *, ctx=None, logger=None, step_hook=None) -> TrainResult:
-    """Train one arm. `step_hook(global_step, engine)` runs after every optimizer step (compare/probes, tests)."""
+    """Train one arm. `step_hook(global_step, engine)` runs after every optimizer step (compare/probes, tests),
+    and once with global_step 0 before the first step of a fresh (not resumed) run: the initial state."""
     from bigexp.checkpoint import CheckpointManager, model_signature
     from bigexp.config import save_resolved, to_dict, validate
     from bigexp.data.loaders import build_train_loader, build_val_loader
@@ -229,6 +230,8 @@ def train(cfg: Config, *, ctx=None, logger=None, step_hook=None) -> TrainResult:
 
     # --- the loop
     engine.ds.train()
+    if step_hook is not None and global_step == 0:
+        step_hook(0, engine)  # bigexp compare's equivalence gap at step 0 (both arms start identical)
     epoch = start_epoch
     while epoch < cfg.run.epochs and global_step < total_steps:
         train_loader.set_epoch(epoch)
