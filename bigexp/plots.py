@@ -1,0 +1,171 @@
+"""PNG plots of training curves (matplotlib, Agg backend: no display needed, safe on compute nodes).
+
+Input everywhere is the `Scalars` mapping that `bigexp.report.load_scalars` reads from TensorBoard event files:
+tag -> (steps, values), sorted by step. Every figure is written atomically (temp file in the same directory,
+fsync, os.replace), so a plot being rewritten at the end of a run never leaves a half-written PNG.
+
+    plot_run(run_dir)                      one run's curves     -> <run_dir>/plots/*.png
+    plot_compare(runs, out_dir, gap=...)   arms overlaid + gap  -> <out_dir>/*.png
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+# What is plotted, in order: (file stem, title, y label, tag regex, log y). The regex's first group (if any) is
+# the param group, so several groups of one run get one line each.
+CURVES = (
+    ("val_top1", "validation top-1", "top-1 (%)", r"^val/top1$", False),
+    ("train_loss", "training loss (solid) and validation loss (dashed)", "cross-entropy (nats)",
+     r"^(?:train|val)/loss$", False),
+    ("lr", "applied learning rate per param group (log y)", "LR", r"^opt/(.+)/applied_lr$", True),
+    ("effective_lr", "effective LR = LR / ‖w‖² per param group (log y)", "LR / ‖w‖²",
+     r"^opt/(.+)/effective_lr$", True),
+    ("weight_norm", "weight norm ‖w‖ per param group (log y)", "‖w‖", r"^opt/(.+)/weight_norm$", True),
+)
+# Gap curves: (tag, y label, log y). Exact zeros (step 0) cannot sit on a log axis; they are drawn at GAP_FLOOR.
+GAP_CURVES = (
+    ("gap/max_abs_logit", "max |Δ logit|", True),
+    ("gap/kl", "KL(p_base || p_twin) (nats)", True),
+    ("gap/top1_agreement", "top-1 agreement", False),
+    ("gap/max_direction_gap", "max layer ‖u_a − u_b‖, u = w/‖w‖", True),
+    ("gap/min_layer_cosine", "min layer cosine", False),
+)
+GAP_FLOOR = 1e-17
+
+Series = tuple  # (steps: list[int], values: list[float])
+Scalars = Mapping[str, Series]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure_atomic(fig, path: Path) -> Path:
+    """savefig to a temp file beside `path`, fsync, then os.replace: readers see the old or the new PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def _matching(scalars: Scalars, pattern: str) -> list[tuple[str, str, Series]]:
+    """(tag, group label, series) for every tag matching `pattern`, sorted by tag."""
+    out = []
+    rx = re.compile(pattern)
+    for tag in sorted(scalars):
+        m = rx.match(tag)
+        if m and len(scalars[tag][0]) > 0:
+            out.append((tag, m.group(1) if m.groups() else "", scalars[tag]))
+    return out
+
+
+def _positive(values: Sequence[float], floor: float | None) -> list[float]:
+    if floor is None:
+        return [v if v > 0 else float("nan") for v in values]
+    return [max(v, floor) for v in values]
+
+
+def plot_curves(runs: Mapping[str, Scalars], path: Path, *, title: str, ylabel: str, pattern: str,
+                logy: bool = False, floor: float | None = None) -> Path | None:
+    """One figure: every run's tags matching `pattern` (one line per run and param group). None if nothing
+    matched (no PNG written)."""
+    lines = []
+    for run, scalars in runs.items():
+        for tag, group, (steps, values) in _matching(scalars, pattern):
+            label = run if not group else f"{run}: {group}"
+            if tag.startswith("val/") and pattern.startswith("^(?:train|val)"):
+                label = f"{run}: val"
+            elif tag.startswith("train/") and pattern.startswith("^(?:train|val)"):
+                label = f"{run}: train"
+            lines.append((label, tag, steps, values))
+    if not lines:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    try:
+        for i, (label, tag, steps, values) in enumerate(lines):
+            ys = _positive(values, floor) if logy else list(values)
+            style = "--" if tag.startswith("val/") and "loss" in tag else "-"
+            marker = "o" if len(steps) <= 30 else None
+            ax.plot(steps, ys, style, marker=marker, markersize=3, label=label)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        return save_figure_atomic(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_gap(gap: Scalars, path: Path) -> Path | None:
+    """The equivalence gap over training, one panel per metric; None when the gap run has no scalars."""
+    panels = [(tag, label, logy) for tag, label, logy in GAP_CURVES if tag in gap and len(gap[tag][0]) > 0]
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7.0, 2.2 * len(panels)), sharex=True, squeeze=False)
+    try:
+        for ax, (tag, label, logy) in zip(axes[:, 0], panels):
+            steps, values = gap[tag]
+            ys = _positive(values, GAP_FLOOR) if logy else list(values)
+            ax.plot(steps, ys, "-", marker="o" if len(steps) <= 50 else None, markersize=3)
+            if logy:
+                ax.set_yscale("log")
+            ax.set_ylabel(label, fontsize=8)
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0, 0].set_title(f"equivalence gap between the arms on the probe batch (exact 0 drawn at {GAP_FLOOR:g})")
+        axes[-1, 0].set_xlabel("optimizer step")
+        return save_figure_atomic(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_compare(runs: Mapping[str, Scalars], out_dir: Path, gap: Scalars | None = None) -> list[Path]:
+    """The standard curves with all `runs` overlaid, plus gap.png when `gap` has scalars. Returns written paths."""
+    out_dir = Path(out_dir)
+    written = []
+    for stem, title, ylabel, pattern, logy in CURVES:
+        p = plot_curves(runs, out_dir / f"{stem}.png", title=title, ylabel=ylabel, pattern=pattern, logy=logy)
+        if p is not None:
+            written.append(p)
+    if gap:
+        p = plot_gap(gap, out_dir / "gap.png")
+        if p is not None:
+            written.append(p)
+    return written
+
+
+def plot_run(run_dir: Path | str) -> list[Path]:
+    """One run's curves from its event files -> <run_dir>/plots/*.png (train.py calls this at the end of a run
+    when log.plots is true). Returns the written paths; [] when the run has no scalars yet."""
+    from bigexp.report import load_scalars
+
+    run_dir = Path(run_dir)
+    scalars = load_scalars(run_dir)
+    if not scalars:
+        return []
+    return plot_compare({run_dir.name: scalars}, run_dir / "plots")
