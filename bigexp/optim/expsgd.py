@@ -1,0 +1,303 @@
+"""ExpSGD: SGD whose scale-invariant groups follow the exact exponential-LR equivalent of SGD with weight decay.
+
+Plain groups (scale_invariant=False) are torch.optim.SGD exactly (the same functional kernel is called).
+Scale-invariant groups read group['lr'] / group['weight_decay'] each step as the BASE schedule (eta_t, lambda_t)
+and take the step of the equivalent run with no weight decay and LR eta_t/(A_t*A_{t+1}) (see `expmath`), so
+the network function equals that of SGD(weight_decay=lambda) at every step, to rounding, while the weights
+grow instead of shrinking. Renormalisation divides a group's weights by c = |w|/n0 (momentum buffers and A_t
+are multiplied by c), which leaves the trajectory unchanged and keeps the numbers in range.
+
+Everything per group is one scalar computed from the group's TOTAL norm, so it works on flat 1-D shards
+(DeepSpeed ZeRO): the per-group sums of squares go through `norm_reduce` (an all-reduce SUM across the
+data-parallel group when sharded).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch.optim.sgd import sgd as _sgd_functional
+
+from . import expmath
+
+__all__ = ["ExpSGD"]
+
+_EXP_STATE_VERSION = 1
+
+
+def _new_exp_state(scale_invariant: bool) -> dict:
+    return {
+        "scale_invariant": bool(scale_invariant),
+        "step": 0,            # optimizer steps this group has taken
+        "q": 0.0,             # q_{t-1} = (r_{t-1} - 1)/eta_{t-1}  (expmath's q form)
+        "r": 1.0,             # r_{t-1}
+        "log_A": 0.0,         # log A_t (renormalisations included), compensated pair (log_A, log_A_lo)
+        "log_A_lo": 0.0,
+        "n0": None,           # group norm before its first step: the renormalisation target
+        "lr": None,           # eta of the last step taken
+        "applied_lr": None,   # LR applied at the last step taken
+        "weight_norm": None,  # group norm after the last step (after any renormalisation)
+        "renorm_count": 0,
+    }
+
+
+class ExpSGD(torch.optim.Optimizer):
+    """SGD + exact exponential LR for scale-invariant param groups.
+
+    Args:
+        params: tensors or param-group dicts; a group may set ``scale_invariant=True`` (default False) and
+            override lr / momentum / weight_decay / nesterov.
+        lr: base LR eta (>= 0). For invariant groups this is eta_t of the base schedule, not what is applied.
+        momentum: gamma in [0, 1). weight_decay: lambda >= 0 (invariant groups: the base schedule's lambda_t).
+        nesterov: plain groups only (no exact exponential equivalent is implemented); an invariant group
+            with nesterov=True raises ValueError naming the group.
+        renorm_every: renormalise invariant groups every N of their steps (None: never on a clock).
+        renorm_band: also renormalise when a group's norm leaves [n0/band, n0*band] (band > 1; None: never).
+        norm_reduce: maps a 1-D float64 tensor of per-group sums of squares (local shards) to the global sums;
+            identity by default. Called once per step (and once more on a group's first step) on every rank.
+        on_renorm: callback(group_index, c) after a group's weights were divided by c (e.g. BN running_mean
+            /= c and running_var /= c**2 for the layers that group feeds).
+        foreach: use the torch._foreach_* kernels (no Python loop over tensors).
+    """
+
+    def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 nesterov: bool = False, renorm_every: Optional[int] = 100, renorm_band: Optional[float] = 16.0,
+                 norm_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 on_renorm: Optional[Callable[[int, float], Any]] = None, foreach: bool = True):
+        if renorm_every is not None and (int(renorm_every) != renorm_every or renorm_every <= 0):
+            raise ValueError(f"renorm_every must be a positive integer or None, got {renorm_every!r}")
+        if renorm_band is not None and not (renorm_band > 1.0 and math.isfinite(renorm_band)):
+            raise ValueError(f"renorm_band must be > 1 or None, got {renorm_band!r}")
+        self._exp: list[dict] = []
+        self.renorm_every = None if renorm_every is None else int(renorm_every)
+        self.renorm_band = None if renorm_band is None else float(renorm_band)
+        self.norm_reduce = norm_reduce
+        self.on_renorm = on_renorm
+        self.foreach = bool(foreach)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                        scale_invariant=False)
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------------------------------ groups
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        i = len(self.param_groups) - 1
+        self._validate_group(i, self.param_groups[i])
+        self._exp.append(_new_exp_state(self.param_groups[i]["scale_invariant"]))
+
+    @staticmethod
+    def _validate_group(i: int, g: dict) -> None:
+        lr, wd, mom = float(g["lr"]), float(g["weight_decay"]), float(g["momentum"])
+        if not (lr >= 0.0 and math.isfinite(lr)):
+            raise ValueError(f"param group {i}: lr must be finite and >= 0, got {g['lr']!r}")
+        if not (wd >= 0.0 and math.isfinite(wd)):
+            raise ValueError(f"param group {i}: weight_decay must be finite and >= 0, got {g['weight_decay']!r}")
+        if not (0.0 <= mom < 1.0):
+            raise ValueError(f"param group {i}: momentum must be in [0, 1), got {g['momentum']!r}")
+        if g["nesterov"] and mom <= 0.0:
+            raise ValueError(f"param group {i}: nesterov=True requires momentum > 0")
+        if g["nesterov"] and g["scale_invariant"]:
+            raise ValueError(
+                f"param group {i} is scale_invariant and has nesterov=True: the exact exponential-LR "
+                "equivalent is implemented for heavy-ball momentum only; use nesterov=False for this group")
+
+    # ------------------------------------------------------------------------------------------ norms
+
+    def _group_norms(self, indices: list[int]) -> list[float]:
+        """Global L2 norms of the given groups: one foreach reduction per group, one norm_reduce, one sync."""
+        sums = []
+        device = None
+        for i in indices:
+            ps = [p for p in self.param_groups[i]["params"]]
+            if not ps:
+                sums.append(None)
+                continue
+            device = ps[0].device
+            low = [p for p in ps if p.dtype in (torch.float16, torch.bfloat16)]
+            rest = [p for p in ps if p.dtype not in (torch.float16, torch.bfloat16)]
+            parts = []
+            # half-precision norms accumulate in fp32: c must be the norm, not a bf16 rounding of it
+            if low:
+                parts.extend(torch._foreach_norm(low, 2, dtype=torch.float32))
+            if rest:
+                parts.extend(torch._foreach_norm(rest, 2))
+            sums.append(torch.stack([x.to(device=device, dtype=torch.float64) for x in parts]).square().sum())
+        if device is None:
+            return [0.0 for _ in indices]
+        vec = torch.stack([s.to(device) if s is not None else torch.zeros((), dtype=torch.float64, device=device)
+                           for s in sums])
+        if self.norm_reduce is not None:
+            vec = self.norm_reduce(vec)
+        return [math.sqrt(max(x, 0.0)) if math.isfinite(x) else float("nan") for x in vec.tolist()]
+
+    # ------------------------------------------------------------------------------------------ step
+
+    def _collect(self, i: int, g: dict):
+        params, grads, bufs = [], [], []
+        for p in g["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"param group {i}: ExpSGD does not support sparse gradients")
+            params.append(p)
+            grads.append(p.grad)
+            bufs.append(self.state[p].get("momentum_buffer") if g["momentum"] != 0 else None)
+        return params, grads, bufs
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        first = [i for i, g in enumerate(self.param_groups) if g["scale_invariant"] and self._exp[i]["n0"] is None]
+        if first:
+            for i, n in zip(first, self._group_norms(first)):
+                if not (math.isfinite(n) and n > 0.0):
+                    raise ValueError(f"param group {i} is scale_invariant but its weight norm is {n!r} at its "
+                                     "first step; a zero or non-finite group cannot be scale-invariant")
+                self._exp[i]["n0"] = n
+
+        stepped = []
+        for i, g in enumerate(self.param_groups):
+            self._validate_group(i, g)
+            ex = self._exp[i]
+            if ex["scale_invariant"] != bool(g["scale_invariant"]):
+                raise ValueError(f"param group {i}: scale_invariant changed after construction")
+            params, grads, bufs = self._collect(i, g)
+            if not params:
+                continue  # like SGD: nothing moves, and the equivalent run skips the step too
+            lr, wd, mom = float(g["lr"]), float(g["weight_decay"]), float(g["momentum"])
+            if g["scale_invariant"]:
+                q, r, hi, lo, applied = expmath.bookkeeping_step(
+                    ex["q"], ex["r"], ex["log_A"], ex["log_A_lo"], lr, wd, mom, step=ex["step"])
+                _sgd_functional(params, grads, bufs, foreach=self.foreach, weight_decay=0.0, momentum=mom,
+                                lr=applied, dampening=0.0, nesterov=False, maximize=False)
+                ex.update(q=q, r=r, log_A=hi, log_A_lo=lo)
+            else:
+                applied = lr
+                _sgd_functional(params, grads, bufs, foreach=self.foreach, weight_decay=wd, momentum=mom,
+                                lr=lr, dampening=0.0, nesterov=bool(g["nesterov"]), maximize=False)
+            if mom != 0:
+                for p, b in zip(params, bufs):
+                    self.state[p]["momentum_buffer"] = b
+            ex["step"] += 1
+            ex["lr"] = lr
+            ex["applied_lr"] = applied
+            stepped.append(i)
+
+        if stepped:
+            for i, n in zip(stepped, self._group_norms(stepped)):
+                ex = self._exp[i]
+                ex["weight_norm"] = n
+                if ex["scale_invariant"] and self._renorm_due(ex, n):
+                    self._renorm(i, n)
+        return loss
+
+    def _renorm_due(self, ex: dict, n: float) -> bool:
+        if not (math.isfinite(n) and n > 0.0):
+            return False  # a diverged group cannot be rescaled meaningfully; the loss will show it
+        if self.renorm_every is not None and ex["step"] % self.renorm_every == 0:
+            return True
+        if self.renorm_band is not None:
+            return not (ex["n0"] / self.renorm_band <= n <= ex["n0"] * self.renorm_band)
+        return False
+
+    @torch.no_grad()
+    def _renorm(self, i: int, n: float) -> float:
+        ex = self._exp[i]
+        c = expmath.renorm_factor(n, ex["n0"])
+        g = self.param_groups[i]
+        params = list(g["params"])
+        torch._foreach_div_(params, c)
+        bufs = [self.state[p]["momentum_buffer"] for p in params
+                if self.state.get(p, {}).get("momentum_buffer") is not None]
+        if bufs:
+            torch._foreach_mul_(bufs, c)
+        ex["log_A"], ex["log_A_lo"] = expmath.compensated_add(ex["log_A"], ex["log_A_lo"], math.log(c))
+        ex["renorm_count"] += 1
+        ex["weight_norm"] = n / c
+        if self.on_renorm is not None:
+            self.on_renorm(i, c)
+        return c
+
+    def renormalize_(self, group_index: Optional[int] = None) -> dict[int, float]:
+        """Renormalise now: one group (must be scale_invariant) or all invariant groups that have stepped.
+
+        A collective when norm_reduce is: call it on every rank. Returns {group_index: c}.
+        """
+        if group_index is not None:
+            if not self.param_groups[group_index]["scale_invariant"]:
+                raise ValueError(f"param group {group_index} is not scale_invariant; it cannot be renormalised")
+            idx = [group_index]
+        else:
+            idx = [i for i, g in enumerate(self.param_groups) if g["scale_invariant"]]
+        idx = [i for i in idx if self._exp[i]["n0"] is not None]
+        out = {}
+        for i, n in zip(idx, self._group_norms(idx)):
+            out[i] = self._renorm(i, n)
+        return out
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def exp_state_dict(self) -> dict:
+        """Only the per-group scalar bookkeeping (floats/ints); momentum buffers are not included."""
+        return {"version": _EXP_STATE_VERSION, "groups": [dict(ex) for ex in self._exp]}
+
+    def load_exp_state_dict(self, state: dict) -> None:
+        if state.get("version") != _EXP_STATE_VERSION:
+            raise ValueError(f"exp state version {state.get('version')!r}, expected {_EXP_STATE_VERSION}")
+        groups = state["groups"]
+        if len(groups) != len(self._exp):
+            raise ValueError(f"exp state has {len(groups)} param groups, the optimizer has {len(self._exp)}")
+        for i, (saved, g) in enumerate(zip(groups, self.param_groups)):
+            if bool(saved["scale_invariant"]) != bool(g["scale_invariant"]):
+                raise ValueError(f"param group {i}: saved scale_invariant={saved['scale_invariant']} but the "
+                                 f"optimizer has {g['scale_invariant']}")
+            fresh = _new_exp_state(g["scale_invariant"])
+            missing = set(fresh) - set(saved)
+            if missing:
+                raise ValueError(f"param group {i}: exp state lacks {sorted(missing)}")
+            self._exp[i] = {k: saved[k] for k in fresh}
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["exp"] = self.exp_state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restores momentum buffers and, when present, the exponential bookkeeping ('exp')."""
+        sd = dict(state_dict)
+        exp = sd.pop("exp", None)
+        super().load_state_dict(sd)
+        if exp is not None:
+            self.load_exp_state_dict(exp)
+
+    # ------------------------------------------------------------------------------------------ logging
+
+    def group_stats(self) -> list[dict]:
+        """Per group, values of the LAST step taken (no collective; NaN before a group's first step).
+
+        base_lr: eta_t; applied_lr: LR actually applied; log_A: log A (renormalisations included);
+        weight_norm: |w| after the step; effective_lr: applied_lr/|w|^2 (the step size on the unit sphere;
+        for an invariant group it is r_t times SGD's lr/|theta_{t+1}|^2, r_t = A_{t+1}/A_t ~ 1 - lr*wd/(1-gamma),
+        so the two arms of a comparison log nearly the same curve); renorm_count; scale_invariant.
+        """
+        out = []
+        nan = float("nan")
+        for ex, g in zip(self._exp, self.param_groups):
+            applied = ex["applied_lr"] if ex["applied_lr"] is not None else nan
+            norm = ex["weight_norm"] if ex["weight_norm"] is not None else nan
+            out.append({
+                "base_lr": ex["lr"] if ex["lr"] is not None else float(g["lr"]),
+                "applied_lr": applied,
+                "log_A": ex["log_A"] + ex["log_A_lo"],
+                "weight_norm": norm,
+                "effective_lr": applied / norm ** 2 if norm > 0 else nan,
+                "renorm_count": ex["renorm_count"],
+                "scale_invariant": ex["scale_invariant"],
+            })
+        return out
