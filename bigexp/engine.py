@@ -84,6 +84,13 @@ def build_engine(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Opt
     if cfg.engine.precision == "fp16" and ctx.device.type != "cuda":
         raise ValueError("engine.precision = fp16 needs a GPU (DeepSpeed's fp16 path has no CPU kernels); "
                          "use bf16 on CPU")
+    # DeepSpeed broadcasts params as byte views and flattens them into shards: both need contiguous storage, so
+    # channels-last weights are made contiguous here. Inputs stay channels-last, which still picks NHWC kernels.
+    with torch.no_grad():
+        for p in model.parameters():
+            # is_contiguous() ignores size-1 dims, but a 1x1 conv in channels-last still has stride(-1) != 1.
+            if not p.data.is_contiguous() or (p.dim() > 0 and p.stride(-1) != 1):
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
     ds_cfg = deepspeed_config(cfg, world_size=ctx.world_size)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=ds_cfg, dist_init_required=False)
