@@ -113,3 +113,17 @@ def shutdown_distributed() -> None:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """Exit without running C++ static destructors.
+
+    With deepspeed 0.19.8 on gloo, ~13% of 2-rank runs aborted at interpreter exit with `terminate called without an
+    active exception` after a clean `destroy_process_group`, turning a finished run red. Everything we own is
+    flushed and closed by now, so skipping the destructors loses nothing.
+    """
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -49,15 +49,16 @@ def run(args) -> int:
     cfg = config_from_args_or_exit(args, world_size=int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1))))
     if args.resume is not None:
         cfg.run.resume = args.resume
+    from bigexp.distributed import exit_process, shutdown_distributed
+
     try:
-        result = train(cfg)
+        train(cfg)
     except NonFiniteLossError as e:
         print(f"bigexp train: {e}", file=sys.stderr)
-        return 3
-    finally:
-        from bigexp.distributed import shutdown_distributed
         shutdown_distributed()
-    return 0 if result is not None else 1
+        exit_process(3)
+    shutdown_distributed()
+    exit_process(0)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
