@@ -192,3 +192,20 @@ def test_ensure_betons_failure_reaches_waiting_rank(tmp_path):
         ensure_betons(cfg, rank=0, world_size=2, progress=False)
     with pytest.raises(DataError, match=r"train.beton: rank 0 failed to write it: .*gone"):
         ensure_betons(cfg, rank=1, world_size=2, progress=False, timeout_s=30)
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch + ffcv: 5-15 s
+def test_first_ffcv_import_keeps_torch_threads(tmp_path):
+    """ffcv's compiler module calls torch.set_num_threads(1) when first imported; bigexp.data's
+    entry points must leave the caller's count alone (fresh interpreter: ffcv not yet imported)."""
+    import subprocess
+    import sys
+    code = ("import sys, torch; torch.set_num_threads(3)\n"
+            "from bigexp.data.write import DataError, check_beton\n"
+            "try:\n    check_beton('/nonexistent.beton')\nexcept DataError:\n    pass\n"
+            "assert 'ffcv' in sys.modules\n"
+            "print(torch.get_num_threads())\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "3"

@@ -12,7 +12,8 @@ from typing import Optional
 
 import numpy as np
 
-from bigexp.data.write import DataError, WriteResult, classes_path_for, write_indexed_dataset, write_json_atomic
+from bigexp.data.write import (DataError, WriteResult, classes_path_for, import_ffcv, write_indexed_dataset,
+                               write_json_atomic)
 
 DEFAULT_IDX_DIR = "/usr/share/datasets/fashion-mnist"
 SPLIT_PREFIX = {"train": "train", "test": "t10k"}
@@ -122,6 +123,7 @@ def write_fashion_mnist(idx_dir, out_dir_or_path, *, size: int = 32, split: str 
     split: "train" (60,000) or "test" (10,000).
     limit: write only the first `limit` samples (tests).
     """
+    import_ffcv()
     from ffcv.fields import IntField, RGBImageField
 
     t0 = time.perf_counter()

@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from bigexp.data.write import DataError, check_beton
+from bigexp.data.write import DataError, check_beton, import_ffcv
 
 # ImageNet channel statistics of pixels in [0, 1] (torchvision / FFCV recipes).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -129,6 +129,7 @@ class _FFCVBatches:
     def __init__(self, path, *, decoder, batch_size: int, num_workers: int, os_cache: bool,
                  dtype: torch.dtype, device, mean, std, channels_last: bool, batches_ahead: int,
                  order: str = "random", seed: int = 0, flip: bool = False):
+        import_ffcv()
         from ffcv.fields.basics import IntDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, ToDevice, ToTensor,
@@ -236,6 +237,7 @@ class TrainLoader(_FFCVBatches):
 
     def __init__(self, cfg, *, batch_size: int, rank: int, world_size: int, seed: int,
                  dtype=torch.float32, device="cpu", order: str = "random", batches_ahead: int = 3):
+        import_ffcv()
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 
         if order not in ORDERS:
@@ -305,6 +307,7 @@ class ValLoader(_FFCVBatches):
 
     def __init__(self, cfg, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  dtype=torch.float32, device="cpu", batches_ahead: int = 3):
+        import_ffcv()
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
 
         if not (0 <= rank < world_size):

@@ -10,6 +10,7 @@ import ctypes
 import json
 import multiprocessing as mp
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,20 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
 # The two fields every bigexp .beton holds, in this order.
 EXPECTED_FIELDS = ("image", "label")
+
+
+def import_ffcv() -> None:
+    """Import ffcv without losing the caller's torch thread count: ffcv's compiler module calls
+    torch.set_num_threads(1) at import time. Every bigexp.data entry point that touches ffcv
+    calls this first; later imports are then no-ops."""
+    if "ffcv" in sys.modules:
+        return
+    import torch
+    threads = torch.get_num_threads()
+    try:
+        import ffcv  # noqa: F401  (imports loader, writer and the compiler)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class DataError(ValueError):
@@ -103,6 +118,7 @@ def _make_safe_writer_class():
     first failure and raises. Apart from that and the optional progress bar, `_write_common` is
     FFCV 1.0.2's own.
     """
+    import_ffcv()
     from ffcv.writer import DatasetWriter
     from ffcv.memory_allocator import MemoryAllocator
     from tqdm import tqdm
@@ -204,6 +220,7 @@ def write_indexed_dataset(dataset, out_path, fields: dict, *, num_workers: Optio
 def check_beton(path) -> int:
     """Raise DataError naming `path` unless it is a .beton with exactly the fields
     image (RGBImageField) and label (IntField). Returns the number of samples."""
+    import_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.reader import Reader
 
@@ -323,6 +340,7 @@ def write_imagefolder(src_dir, out_path, *, max_res: int = 256, jpeg_quality: in
 
     Also writes <out>.classes.json: {"classes": [names], "class_to_idx": {name: index}}.
     """
+    import_ffcv()
     from ffcv.fields import IntField, RGBImageField
 
     t0 = time.perf_counter()
