@@ -280,7 +280,7 @@ def test_renormalisation_every_k_steps_keeps_the_trajectory(k):
     def check(pair):
         for i, s in enumerate(pair.exp.group_stats()):
             if s["scale_invariant"]:
-                n0.setdefault(i, pair.exp._exp[i]["n0"])
+                n0.setdefault(i, pair.exp.exp_state(i)["n0"])
                 if pair.t % k == 0:  # just renormalised: back at the initial norm
                     assert s["weight_norm"] == pytest.approx(n0[i], rel=1e-12)
 
@@ -295,7 +295,7 @@ def test_renormalisation_triggered_by_the_norm_band():
     norms = []
     # The exp run's weights grow ~1/A (plus the usual growth from the updates) and leave a narrow band often.
     pair = Pair(conv_net, ConstantSchedule(STEPS), renorm_band=band)
-    pair.run(callback=lambda p: norms.append([s["weight_norm"] / p.exp._exp[i]["n0"]
+    pair.run(callback=lambda p: norms.append([s["weight_norm"] / p.exp.exp_state(i)["n0"]
                                               for i, s in enumerate(p.exp.group_stats()) if s["scale_invariant"]]))
     pair.assert_equivalent(plain_tol=5e-11)  # 87 renormalisations' rounding: plain error 4e-12 measured
     counts = [s["renorm_count"] for s in pair.exp.group_stats() if s["scale_invariant"]]
@@ -303,7 +303,7 @@ def test_renormalisation_triggered_by_the_norm_band():
     assert all(1 / band <= r <= band for row in norms for r in row)
     # without renormalisation the same run leaves the band (so the band really did the work)
     free = Pair(conv_net, ConstantSchedule(STEPS)).run(250)
-    assert any(s["weight_norm"] / free.exp._exp[i]["n0"] > band
+    assert any(s["weight_norm"] / free.exp.exp_state(i)["n0"] > band
                for i, s in enumerate(free.exp.group_stats()) if s["scale_invariant"])
 
 
@@ -330,14 +330,14 @@ def test_on_renorm_lets_the_caller_rescale_batchnorm_running_stats():
         net[1].running_mean.mul_(5.0)
         net[1].running_var.mul_(25.0)
     net.eval()
-    expected_c0 = net[0].weight.norm().item() / opt._exp[0]["n0"]
+    expected_c0 = net[0].weight.norm().item() / opt.exp_state(0)["n0"]
     with torch.no_grad():
         before = net(x[:16])
         cs = opt.renormalize_()
         after = net(x[:16])
     assert sorted(cs) == [0, 1] and [i for i, _ in calls] == [0, 1]
     assert cs[0] == pytest.approx(expected_c0, rel=1e-12)
-    assert net[0].weight.norm().item() == pytest.approx(opt._exp[0]["n0"], rel=1e-12)
+    assert net[0].weight.norm().item() == pytest.approx(opt.exp_state(0)["n0"], rel=1e-12)
     # eval mode uses running stats: unchanged only because on_renorm rescaled them (eps=1e-14 => exact)
     assert (before - after).abs().max() < 1e-12
     assert cs[0] > 4.0
@@ -410,6 +410,10 @@ def test_exp_state_dict_is_plain_scalars_and_checks_its_shape():
     swapped = ExpSGD([{"params": [p], "scale_invariant": False} for p in list(pair.net2.parameters())[:3]], lr=0.1)
     with pytest.raises(ValueError, match="param group 0: saved scale_invariant=True"):
         swapped.load_exp_state_dict(sd)
+    w = nn.Parameter(torch.ones(2))
+    foreign = torch.optim.SGD([w], lr=0.1, momentum=0.9).state_dict()
+    with pytest.raises(ValueError, match="no ExpSGD bookkeeping"):
+        ExpSGD([nn.Parameter(torch.ones(2))], lr=0.1).load_state_dict(foreign)
 
 
 # ------------------------------------------------------------------------------------------- sharding
@@ -495,7 +499,7 @@ def test_group_stats_are_consistent_with_the_math():
     inv, plain = stats[0], stats[-1]
     assert inv["scale_invariant"] and not plain["scale_invariant"]
     assert plain["applied_lr"] == plain["base_lr"] == pytest.approx(0.1) and plain["log_A"] == 0.0
-    ex = pair.exp._exp[0]
+    ex = pair.exp.exp_state(0)
     # applied = eta/(A_t A_{t+1}) with A_{t+1} = r_t A_t
     log_a = inv["log_A"]
     assert inv["applied_lr"] == pytest.approx(inv["base_lr"] * math.exp(-2 * log_a + math.log(ex["r"])), rel=1e-12)
@@ -543,3 +547,29 @@ def test_recursion_in_the_optimizer_is_expmath():
         applied.append(opt.group_stats()[0]["applied_lr"])
     expected, _ = expmath.equivalent_schedule([0.3 * sched.lr_factor(t) for t in range(300)], 2e-3, 0.9)
     assert applied == pytest.approx(list(expected), rel=1e-13)
+
+
+def test_stepping_one_group_at_a_time_like_deepspeed_zero():
+    """DeepSpeed ZeRO 1/2 steps the client optimizer per group by swapping optimizer.param_groups for
+    [group_i]; the bookkeeping must follow the group dict, not its position. Bitwise equal to normal steps."""
+    calls = []
+    a = Pair(conv_net, SCHEDULES["step"](), renorm_every=5)
+    b = Pair(conv_net, SCHEDULES["step"](), renorm_every=5, on_renorm=lambda i, c: calls.append(i))
+    for _ in range(40):
+        xb, yb = a.batch()
+        a.step_one(a.net2, a.exp, a.sch2, xb, yb)
+        b.batch()
+        b.exp.zero_grad()
+        nn.functional.cross_entropy(b.net2(xb), yb).backward()
+        original = b.exp.param_groups
+        for g in original:
+            b.exp.param_groups = [g]
+            b.exp.step()
+        b.exp.param_groups = original
+        b.sch2.step()
+        a.t += 1
+        b.t += 1
+    for p, q in zip(a.net2.parameters(), b.net2.parameters()):
+        assert torch.equal(p, q)
+    assert a.exp.exp_state_dict() == b.exp.exp_state_dict()
+    assert sorted(set(calls)) == [0, 1] and len(calls) == 16  # on_renorm gets the construction-time index

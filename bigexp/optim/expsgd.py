@@ -25,21 +25,33 @@ __all__ = ["ExpSGD"]
 
 _EXP_STATE_VERSION = 1
 
+# Per-group bookkeeping, stored IN the param-group dict under "exp_<name>" (plain Python scalars): DeepSpeed
+# ZeRO steps one group at a time by swapping optimizer.param_groups for [group_i], so anything indexed by
+# position would be wrong; the dict itself travels. torch's (and DeepSpeed's) optimizer state_dict saves and
+# restores these keys with the group, without aliasing (all values are immutable scalars).
+_EXP_DEFAULTS = {
+    "index": None,        # the group's position at construction (stable name for messages and on_renorm)
+    "scale_invariant": False,
+    "step": 0,            # optimizer steps this group has taken
+    "q": 0.0,             # q_{t-1} = (r_{t-1} - 1)/eta_{t-1}  (expmath's q form)
+    "r": 1.0,             # r_{t-1}
+    "log_A": 0.0,         # log A_t (renormalisations included), compensated pair (log_A, log_A_lo)
+    "log_A_lo": 0.0,
+    "n0": None,           # group norm before its first step: the renormalisation target
+    "lr": None,           # eta of the last step taken
+    "applied_lr": None,   # LR applied at the last step taken
+    "weight_norm": None,  # group norm after the last step (after any renormalisation)
+    "renorm_count": 0,
+}
 
-def _new_exp_state(scale_invariant: bool) -> dict:
-    return {
-        "scale_invariant": bool(scale_invariant),
-        "step": 0,            # optimizer steps this group has taken
-        "q": 0.0,             # q_{t-1} = (r_{t-1} - 1)/eta_{t-1}  (expmath's q form)
-        "r": 1.0,             # r_{t-1}
-        "log_A": 0.0,         # log A_t (renormalisations included), compensated pair (log_A, log_A_lo)
-        "log_A_lo": 0.0,
-        "n0": None,           # group norm before its first step: the renormalisation target
-        "lr": None,           # eta of the last step taken
-        "applied_lr": None,   # LR applied at the last step taken
-        "weight_norm": None,  # group norm after the last step (after any renormalisation)
-        "renorm_count": 0,
-    }
+
+def _get(g: dict) -> dict:
+    return {k: g["exp_" + k] for k in _EXP_DEFAULTS}
+
+
+def _put(g: dict, **values) -> None:
+    for k, v in values.items():
+        g["exp_" + k] = v
 
 
 class ExpSGD(torch.optim.Optimizer):
@@ -55,10 +67,16 @@ class ExpSGD(torch.optim.Optimizer):
         renorm_every: renormalise invariant groups every N of their steps (None: never on a clock).
         renorm_band: also renormalise when a group's norm leaves [n0/band, n0*band] (band > 1; None: never).
         norm_reduce: maps a 1-D float64 tensor of per-group sums of squares (local shards) to the global sums;
-            identity by default. Called once per step (and once more on a group's first step) on every rank.
+            identity by default. Called on every step() call (once more on a group's first step) with one
+            entry per group in optimizer.param_groups at that moment, so every rank must call step() alike.
         on_renorm: callback(group_index, c) after a group's weights were divided by c (e.g. BN running_mean
-            /= c and running_var /= c**2 for the layers that group feeds).
+            /= c and running_var /= c**2 for the layers that group feeds). group_index is the group's position
+            at construction.
         foreach: use the torch._foreach_* kernels (no Python loop over tensors).
+
+    Bookkeeping lives in each group dict under "exp_*" keys, so the ordinary state_dict() round trip
+    restores everything; exp_state_dict() holds only those scalars (for checkpoints whose momentum buffers
+    are restored by someone else, e.g. DeepSpeed).
     """
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
@@ -69,7 +87,6 @@ class ExpSGD(torch.optim.Optimizer):
             raise ValueError(f"renorm_every must be a positive integer or None, got {renorm_every!r}")
         if renorm_band is not None and not (renorm_band > 1.0 and math.isfinite(renorm_band)):
             raise ValueError(f"renorm_band must be > 1 or None, got {renorm_band!r}")
-        self._exp: list[dict] = []
         self.renorm_every = None if renorm_every is None else int(renorm_every)
         self.renorm_band = None if renorm_band is None else float(renorm_band)
         self.norm_reduce = norm_reduce
@@ -83,12 +100,15 @@ class ExpSGD(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        i = len(self.param_groups) - 1
-        self._validate_group(i, self.param_groups[i])
-        self._exp.append(_new_exp_state(self.param_groups[i]["scale_invariant"]))
+        g = self.param_groups[-1]
+        for k, v in _EXP_DEFAULTS.items():
+            g["exp_" + k] = v
+        _put(g, index=len(self.param_groups) - 1, scale_invariant=bool(g["scale_invariant"]))
+        self._validate_group(g)
 
     @staticmethod
-    def _validate_group(i: int, g: dict) -> None:
+    def _validate_group(g: dict) -> None:
+        i = g["exp_index"]
         lr, wd, mom = float(g["lr"]), float(g["weight_decay"]), float(g["momentum"])
         if not (lr >= 0.0 and math.isfinite(lr)):
             raise ValueError(f"param group {i}: lr must be finite and >= 0, got {g['lr']!r}")
@@ -102,19 +122,30 @@ class ExpSGD(torch.optim.Optimizer):
             raise ValueError(
                 f"param group {i} is scale_invariant and has nesterov=True: the exact exponential-LR "
                 "equivalent is implemented for heavy-ball momentum only; use nesterov=False for this group")
+        if bool(g["scale_invariant"]) != g["exp_scale_invariant"]:
+            raise ValueError(f"param group {i}: scale_invariant changed after construction")
+
+    def _group(self, group_index: int) -> dict:
+        for g in self.param_groups:
+            if g["exp_index"] == group_index:
+                return g
+        raise IndexError(f"no param group {group_index}")
+
+    def exp_state(self, group_index: int) -> dict:
+        """A copy of one group's bookkeeping (step, q, r, log_A, n0, weight_norm, renorm_count, ...)."""
+        return _get(self._group(group_index))
 
     # ------------------------------------------------------------------------------------------ norms
 
-    def _group_norms(self, indices: list[int]) -> list[float]:
+    def _group_norms(self, groups: list[dict]) -> list[float]:
         """Global L2 norms of the given groups: one foreach reduction per group, one norm_reduce, one sync."""
         sums = []
-        device = None
-        for i in indices:
-            ps = [p for p in self.param_groups[i]["params"]]
+        device = next((p.device for g in self.param_groups for p in g["params"]), None)
+        for g in groups:
+            ps = list(g["params"])
             if not ps:
                 sums.append(None)
                 continue
-            device = ps[0].device
             low = [p for p in ps if p.dtype in (torch.float16, torch.bfloat16)]
             rest = [p for p in ps if p.dtype not in (torch.float16, torch.bfloat16)]
             parts = []
@@ -124,8 +155,8 @@ class ExpSGD(torch.optim.Optimizer):
             if rest:
                 parts.extend(torch._foreach_norm(rest, 2))
             sums.append(torch.stack([x.to(device=device, dtype=torch.float64) for x in parts]).square().sum())
-        if device is None:
-            return [0.0 for _ in indices]
+        if device is None or not groups:
+            return [0.0 for _ in groups]
         vec = torch.stack([s.to(device) if s is not None else torch.zeros((), dtype=torch.float64, device=device)
                            for s in sums])
         if self.norm_reduce is not None:
@@ -134,13 +165,13 @@ class ExpSGD(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------------------ step
 
-    def _collect(self, i: int, g: dict):
+    def _collect(self, g: dict):
         params, grads, bufs = [], [], []
         for p in g["params"]:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
-                raise RuntimeError(f"param group {i}: ExpSGD does not support sparse gradients")
+                raise RuntimeError(f"param group {g['exp_index']}: ExpSGD does not support sparse gradients")
             params.append(p)
             grads.append(p.grad)
             bufs.append(self.state[p].get("momentum_buffer") if g["momentum"] != 0 else None)
@@ -153,30 +184,30 @@ class ExpSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        first = [i for i, g in enumerate(self.param_groups) if g["scale_invariant"] and self._exp[i]["n0"] is None]
+        groups = list(self.param_groups)  # under DeepSpeed ZeRO: just the one group being stepped
+        for g in groups:
+            self._validate_group(g)
+        first = [g for g in groups if g["scale_invariant"] and g["exp_n0"] is None]
         if first:
-            for i, n in zip(first, self._group_norms(first)):
+            for g, n in zip(first, self._group_norms(first)):
                 if not (math.isfinite(n) and n > 0.0):
-                    raise ValueError(f"param group {i} is scale_invariant but its weight norm is {n!r} at its "
-                                     "first step; a zero or non-finite group cannot be scale-invariant")
-                self._exp[i]["n0"] = n
+                    raise ValueError(f"param group {g['exp_index']} is scale_invariant but its weight norm is "
+                                     f"{n!r} at its first step; a zero or non-finite group cannot be "
+                                     "scale-invariant")
+                _put(g, n0=n)
 
         stepped = []
-        for i, g in enumerate(self.param_groups):
-            self._validate_group(i, g)
-            ex = self._exp[i]
-            if ex["scale_invariant"] != bool(g["scale_invariant"]):
-                raise ValueError(f"param group {i}: scale_invariant changed after construction")
-            params, grads, bufs = self._collect(i, g)
+        for g in groups:
+            params, grads, bufs = self._collect(g)
             if not params:
                 continue  # like SGD: nothing moves, and the equivalent run skips the step too
             lr, wd, mom = float(g["lr"]), float(g["weight_decay"]), float(g["momentum"])
             if g["scale_invariant"]:
                 q, r, hi, lo, applied = expmath.bookkeeping_step(
-                    ex["q"], ex["r"], ex["log_A"], ex["log_A_lo"], lr, wd, mom, step=ex["step"])
+                    g["exp_q"], g["exp_r"], g["exp_log_A"], g["exp_log_A_lo"], lr, wd, mom, step=g["exp_step"])
                 _sgd_functional(params, grads, bufs, foreach=self.foreach, weight_decay=0.0, momentum=mom,
                                 lr=applied, dampening=0.0, nesterov=False, maximize=False)
-                ex.update(q=q, r=r, log_A=hi, log_A_lo=lo)
+                _put(g, q=q, r=r, log_A=hi, log_A_lo=lo)
             else:
                 applied = lr
                 _sgd_functional(params, grads, bufs, foreach=self.foreach, weight_decay=wd, momentum=mom,
@@ -184,97 +215,94 @@ class ExpSGD(torch.optim.Optimizer):
             if mom != 0:
                 for p, b in zip(params, bufs):
                     self.state[p]["momentum_buffer"] = b
-            ex["step"] += 1
-            ex["lr"] = lr
-            ex["applied_lr"] = applied
-            stepped.append(i)
+            _put(g, step=g["exp_step"] + 1, lr=lr, applied_lr=applied)
+            stepped.append(g)
 
-        if stepped:
-            for i, n in zip(stepped, self._group_norms(stepped)):
-                ex = self._exp[i]
-                ex["weight_norm"] = n
-                if ex["scale_invariant"] and self._renorm_due(ex, n):
-                    self._renorm(i, n)
+        # Norms of ALL groups in view, every step: the vector handed to norm_reduce (a collective when
+        # sharded) must have the same length on every rank, whatever each rank's shards received as gradients.
+        norms = self._group_norms(groups)
+        for g, n in zip(groups, norms):
+            if not any(g is s for s in stepped):
+                continue
+            _put(g, weight_norm=n)
+            if g["scale_invariant"] and self._renorm_due(g, n):
+                self._renorm(g, n)
         return loss
 
-    def _renorm_due(self, ex: dict, n: float) -> bool:
+    def _renorm_due(self, g: dict, n: float) -> bool:
         if not (math.isfinite(n) and n > 0.0):
             return False  # a diverged group cannot be rescaled meaningfully; the loss will show it
-        if self.renorm_every is not None and ex["step"] % self.renorm_every == 0:
+        if self.renorm_every is not None and g["exp_step"] % self.renorm_every == 0:
             return True
         if self.renorm_band is not None:
-            return not (ex["n0"] / self.renorm_band <= n <= ex["n0"] * self.renorm_band)
+            n0 = g["exp_n0"]
+            return not (n0 / self.renorm_band <= n <= n0 * self.renorm_band)
         return False
 
     @torch.no_grad()
-    def _renorm(self, i: int, n: float) -> float:
-        ex = self._exp[i]
-        c = expmath.renorm_factor(n, ex["n0"])
-        g = self.param_groups[i]
+    def _renorm(self, g: dict, n: float) -> float:
+        c = expmath.renorm_factor(n, g["exp_n0"])
         params = list(g["params"])
         torch._foreach_div_(params, c)
         bufs = [self.state[p]["momentum_buffer"] for p in params
                 if self.state.get(p, {}).get("momentum_buffer") is not None]
         if bufs:
             torch._foreach_mul_(bufs, c)
-        ex["log_A"], ex["log_A_lo"] = expmath.compensated_add(ex["log_A"], ex["log_A_lo"], math.log(c))
-        ex["renorm_count"] += 1
-        ex["weight_norm"] = n / c
+        hi, lo = expmath.compensated_add(g["exp_log_A"], g["exp_log_A_lo"], math.log(c))
+        _put(g, log_A=hi, log_A_lo=lo, renorm_count=g["exp_renorm_count"] + 1, weight_norm=n / c)
         if self.on_renorm is not None:
-            self.on_renorm(i, c)
+            self.on_renorm(g["exp_index"], c)
         return c
 
     def renormalize_(self, group_index: Optional[int] = None) -> dict[int, float]:
         """Renormalise now: one group (must be scale_invariant) or all invariant groups that have stepped.
 
-        A collective when norm_reduce is: call it on every rank. Returns {group_index: c}.
+        A collective when norm_reduce is: call it on every rank. Under DeepSpeed with bf16/fp16 the params
+        here are the fp32 masters, copied to the model at the next engine step; renormalisation inside
+        step() (renorm_every / renorm_band) has no such gap. Returns {group_index: c}.
         """
         if group_index is not None:
-            if not self.param_groups[group_index]["scale_invariant"]:
+            g = self._group(group_index)
+            if not g["scale_invariant"]:
                 raise ValueError(f"param group {group_index} is not scale_invariant; it cannot be renormalised")
-            idx = [group_index]
+            groups = [g]
         else:
-            idx = [i for i, g in enumerate(self.param_groups) if g["scale_invariant"]]
-        idx = [i for i in idx if self._exp[i]["n0"] is not None]
-        out = {}
-        for i, n in zip(idx, self._group_norms(idx)):
-            out[i] = self._renorm(i, n)
-        return out
+            groups = [g for g in self.param_groups if g["scale_invariant"]]
+        groups = [g for g in groups if g["exp_n0"] is not None]
+        return {g["exp_index"]: self._renorm(g, n) for g, n in zip(groups, self._group_norms(groups))}
 
     # ------------------------------------------------------------------------------------------ state
 
     def exp_state_dict(self) -> dict:
-        """Only the per-group scalar bookkeeping (floats/ints); momentum buffers are not included."""
-        return {"version": _EXP_STATE_VERSION, "groups": [dict(ex) for ex in self._exp]}
+        """Only the per-group scalar bookkeeping (floats/ints/None); momentum buffers are not included."""
+        return {"version": _EXP_STATE_VERSION, "groups": [_get(g) for g in self.param_groups]}
 
     def load_exp_state_dict(self, state: dict) -> None:
         if state.get("version") != _EXP_STATE_VERSION:
             raise ValueError(f"exp state version {state.get('version')!r}, expected {_EXP_STATE_VERSION}")
         groups = state["groups"]
-        if len(groups) != len(self._exp):
-            raise ValueError(f"exp state has {len(groups)} param groups, the optimizer has {len(self._exp)}")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"exp state has {len(groups)} param groups, the optimizer has {len(self.param_groups)}")
         for i, (saved, g) in enumerate(zip(groups, self.param_groups)):
+            missing = set(_EXP_DEFAULTS) - set(saved)
+            if missing:
+                raise ValueError(f"param group {i}: exp state lacks {sorted(missing)}")
             if bool(saved["scale_invariant"]) != bool(g["scale_invariant"]):
                 raise ValueError(f"param group {i}: saved scale_invariant={saved['scale_invariant']} but the "
                                  f"optimizer has {g['scale_invariant']}")
-            fresh = _new_exp_state(g["scale_invariant"])
-            missing = set(fresh) - set(saved)
-            if missing:
-                raise ValueError(f"param group {i}: exp state lacks {sorted(missing)}")
-            self._exp[i] = {k: saved[k] for k in fresh}
-
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["exp"] = self.exp_state_dict()
-        return sd
+            if saved["index"] != g["exp_index"]:
+                raise ValueError(f"param group {i}: saved group index {saved['index']!r} != {g['exp_index']!r}")
+        for saved, g in zip(groups, self.param_groups):
+            _put(g, **{k: saved[k] for k in _EXP_DEFAULTS})
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restores momentum buffers and, when present, the exponential bookkeeping ('exp')."""
-        sd = dict(state_dict)
-        exp = sd.pop("exp", None)
-        super().load_state_dict(sd)
-        if exp is not None:
-            self.load_exp_state_dict(exp)
+        """torch's load, then a check that the restored groups carry ExpSGD bookkeeping."""
+        super().load_state_dict(state_dict)
+        for i, g in enumerate(self.param_groups):
+            if any("exp_" + k not in g for k in _EXP_DEFAULTS):
+                raise ValueError(f"param group {i} of the loaded state has no ExpSGD bookkeeping (exp_* keys): "
+                                 "was it saved from another optimizer?")
+            self._validate_group(g)
 
     # ------------------------------------------------------------------------------------------ logging
 
@@ -288,16 +316,16 @@ class ExpSGD(torch.optim.Optimizer):
         """
         out = []
         nan = float("nan")
-        for ex, g in zip(self._exp, self.param_groups):
-            applied = ex["applied_lr"] if ex["applied_lr"] is not None else nan
-            norm = ex["weight_norm"] if ex["weight_norm"] is not None else nan
+        for g in self.param_groups:
+            applied = g["exp_applied_lr"] if g["exp_applied_lr"] is not None else nan
+            norm = g["exp_weight_norm"] if g["exp_weight_norm"] is not None else nan
             out.append({
-                "base_lr": ex["lr"] if ex["lr"] is not None else float(g["lr"]),
+                "base_lr": g["exp_lr"] if g["exp_lr"] is not None else float(g["lr"]),
                 "applied_lr": applied,
-                "log_A": ex["log_A"] + ex["log_A_lo"],
+                "log_A": g["exp_log_A"] + g["exp_log_A_lo"],
                 "weight_norm": norm,
                 "effective_lr": applied / norm ** 2 if norm > 0 else nan,
-                "renorm_count": ex["renorm_count"],
-                "scale_invariant": ex["scale_invariant"],
+                "renorm_count": g["exp_renorm_count"],
+                "scale_invariant": g["exp_scale_invariant"],
             })
         return out
