@@ -185,9 +185,10 @@ def train(cfg: Config, *, ctx=None, logger=None, step_hook=None) -> TrainResult:
     if steps_per_epoch == 0:
         raise ValueError(f"data.batch_size = {cfg.data.batch_size} is larger than the training set "
                          f"({cfg.data.train_beton}): no full step per epoch")
-    total_steps = cfg.run.epochs * steps_per_epoch
-    if cfg.run.max_steps:
-        total_steps = min(total_steps, cfg.run.max_steps)
+    # The schedule always spans all epochs: run.max_steps only stops early, so a run cut short and resumed
+    # follows the same schedule as one that never stopped.
+    schedule_steps = cfg.run.epochs * steps_per_epoch
+    total_steps = min(schedule_steps, cfg.run.max_steps or schedule_steps)
 
     # --- model and optimizer: invariant groups found from the graph and checked numerically
     model = build_model(cfg.model)
@@ -196,7 +197,7 @@ def train(cfg: Config, *, ctx=None, logger=None, step_hook=None) -> TrainResult:
     if cfg.model.channels_last:
         example = example.contiguous(memory_format=torch.channels_last)
     built = build_optimizer(cfg, model, example)
-    schedule = build_schedule(cfg.schedule, steps_per_epoch, total_steps)
+    schedule = build_schedule(cfg.schedule, steps_per_epoch, schedule_steps)
     engine = build_engine(cfg, model, built.optimizer, lambda opt: ParamGroupScheduler(opt, schedule), ctx)
     signature = model_signature(model)
 
