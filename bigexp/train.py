@@ -127,6 +127,29 @@ def evaluate(engine, loader, ctx, dtype) -> dict:
             "val/top5": 100.0 * float(sums[2]) / n}
 
 
+def train_micro_step(engine, x: torch.Tensor, y: torch.Tensor, ctx, *, label_smoothing: float = 0.0,
+                     stop_requested: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch of the training loop (shared with bench/): inputs to the device in the engine's dtype,
+    forward, loss, the per-micro-batch agreement all-reduce, then backward and the DeepSpeed step.
+
+    Returns (loss, flags); flags[0] = ranks whose loss was non-finite, flags[1] = ranks asking to stop. When
+    flags[0] > 0 nothing is applied (the caller raises), except under fp16, where DeepSpeed itself skips the
+    update and lowers the loss scale.
+    """
+    x = x.to(ctx.device, dtype=engine.dtype, non_blocking=True)
+    y = y.to(ctx.device, non_blocking=True)
+    logits = engine.ds(x)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    # One small all-reduce per micro-batch: every rank must agree to stop (NaN) or checkpoint (preempt).
+    flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, 1.0 if stop_requested else 0.0])
+    ctx.all_reduce_sum(flags)
+    if flags[0] > 0 and engine.dtype != torch.float16:
+        return loss, flags
+    engine.ds.backward(loss)
+    engine.ds.step()
+    return loss, flags
+
+
 def _grad_norm(engine) -> float | None:
     try:
         g = engine.ds.get_global_grad_norm()
@@ -250,20 +273,13 @@ def train(cfg: Config, *, ctx=None, logger=None, step_hook=None) -> TrainResult:
         batch_in_epoch = first_batch
         for x, y in batches:
             t0 = time.perf_counter()
-            x = x.to(ctx.device, dtype=dtype, non_blocking=True)
-            y = y.to(ctx.device, non_blocking=True)
-            logits = engine.ds(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
-            # One small all-reduce per micro-batch: every rank must agree to stop (NaN) or checkpoint (preempt).
-            flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, 1.0 if preempt.requested else 0.0])
-            ctx.all_reduce_sum(flags)
+            loss, flags = train_micro_step(engine, x, y, ctx, label_smoothing=cfg.optim.label_smoothing,
+                                           stop_requested=preempt.requested)
             if flags[0] > 0 and cfg.engine.precision != "fp16":
                 last = ckpt.list()
                 raise NonFiniteLossError(
                     f"non-finite loss ({float(loss)}) at step {global_step} (epoch {epoch}, batch {batch_in_epoch}) "
                     f"of {run_dir}; nothing was applied. Last checkpoint: {last[0] if last else 'none'}")
-            engine.ds.backward(loss)
-            engine.ds.step()  # fp16: DeepSpeed skips the update and lowers the loss scale on overflow
             batch_in_epoch += 1
             loss_sum += float(loss.detach())
             loss_n += 1
