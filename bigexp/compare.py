@@ -422,14 +422,14 @@ def compare(cfg: Config, *, arm: Optional[str] = None, layout_only: bool = False
 
 # ---------------------------------------------------------------------------------------------- lockstep
 @torch.no_grad()
-def _evaluate(model, loader, dtype) -> dict:
+def _evaluate(model, loader, dtype, fmt=torch.contiguous_format) -> dict:
     from bigexp.train import accuracy_counts
 
     was = model.training
     model.eval()
     loss = top1 = top5 = n = 0.0
     for x, y in loader:
-        logits = model(x.to(dtype)).double()
+        logits = model(x.to(dtype).contiguous(memory_format=fmt)).double()
         loss += float(F.cross_entropy(logits, y, reduction="sum"))
         t1, t5 = accuracy_counts(logits, y)
         top1, top5, n = top1 + t1, top5 + t5, n + y.numel()
@@ -470,10 +470,13 @@ def lockstep(cfg: Config, *, float64: bool = False, report: bool = True, progres
 
     torch.manual_seed(cfg.run.seed)
     base_model = build_model(cfg.model).to(dtype)
+    # float64 BatchNorm has no fast channels-last kernel on CPU (~50x slower): plain NCHW there.
+    fmt = torch.channels_last if cfg.model.channels_last and not float64 else torch.contiguous_format
+    base_model = base_model.to(memory_format=fmt)
     res = min(cfg.data.val_res, 64)
     example = torch.randn(4, 3, res, res, dtype=dtype, generator=torch.Generator().manual_seed(cfg.run.seed))
-    if cfg.model.channels_last:
-        example = example.contiguous(memory_format=torch.channels_last)
+    example = example.contiguous(memory_format=fmt)
+    x_probe = x_probe.contiguous(memory_format=fmt)
     state = {}
     for a in arms:
         acfg = arm_cfg_for(cfg, a)
@@ -516,7 +519,7 @@ def lockstep(cfg: Config, *, float64: bool = False, report: bool = True, progres
         torch.set_num_threads(threads)
         for x, y in train_loader:
             torch.set_num_threads(threads)
-            x = x.to(dtype)
+            x = x.to(dtype).contiguous(memory_format=fmt)
             for a, s in state.items():
                 t0 = time.perf_counter()
                 loss = F.cross_entropy(s["model"](x), y, label_smoothing=cfg.optim.label_smoothing)
@@ -545,7 +548,7 @@ def lockstep(cfg: Config, *, float64: bool = False, report: bool = True, progres
         last = step >= total or epoch + 1 >= cfg.run.epochs
         if last or (epoch + 1) % cfg.run.eval_every_epochs == 0:
             for a, s in state.items():
-                s["val"] = _evaluate(s["model"], val_loader, dtype)
+                s["val"] = _evaluate(s["model"], val_loader, dtype, fmt)
                 torch.set_num_threads(threads)
                 s["logger"].scalars(step, s["val"])
                 s["logger"].flush()
@@ -604,7 +607,8 @@ def run(args) -> int:
     from bigexp.config import config_from_args_or_exit
     from bigexp.distributed import shutdown_distributed
 
-    cfg = config_from_args_or_exit(args)
+    cfg = config_from_args_or_exit(args, world_size=int(os.environ.get("WORLD_SIZE",
+                                                                      os.environ.get("SLURM_NTASKS", 1))))
     if args.float64 and not args.lockstep:
         print("bigexp compare: --float64 needs --lockstep (DeepSpeed arms run in engine.precision)", file=sys.stderr)
         return 2
@@ -612,23 +616,29 @@ def run(args) -> int:
         print("bigexp compare: --lockstep runs both arms together; it excludes --arm and --layout-only",
               file=sys.stderr)
         return 2
+    if args.lockstep or args.layout_only:  # no process group, no DeepSpeed
+        try:
+            result = (lockstep(cfg, float64=args.float64, report=not args.no_report) if args.lockstep
+                      else compare(cfg, layout_only=True, report=not args.no_report))
+        except ValueError as e:
+            print(f"bigexp compare: {e}", file=sys.stderr)
+            return 2
+        print_summary(result)
+        return 0
+    from bigexp.distributed import exit_process
+    from bigexp.train import NonFiniteLossError
+
+    code = 0
     try:
-        if args.lockstep:
-            result = lockstep(cfg, float64=args.float64, report=not args.no_report)
-        else:
-            result = compare(cfg, arm=args.arm, layout_only=args.layout_only, report=not args.no_report)
+        result = compare(cfg, arm=args.arm, report=not args.no_report)
+        if os.environ.get("RANK", "0") == "0":
+            print_summary(result)
     except ValueError as e:
         print(f"bigexp compare: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        from bigexp.train import NonFiniteLossError
-        if not isinstance(e, NonFiniteLossError):
-            raise
+        code = 2
+    except NonFiniteLossError as e:
         print(f"bigexp compare: {e}", file=sys.stderr)
-        return 3
-    finally:
-        if not args.lockstep:
-            shutdown_distributed()
-    if os.environ.get("RANK", "0") == "0":
-        print_summary(result)
-    return 0
+        code = 3
+    shutdown_distributed()
+    exit_process(code)  # past C++ destructors: see bigexp.distributed.exit_process (gloo abort at exit)
+    return code
