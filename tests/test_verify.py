@@ -1,0 +1,89 @@
+"""bigexp verify: passes on the invariant check net, fails loudly on a non-invariant one, exit codes, and the
+chaos-reference rule on hand-made histories."""
+import math
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# A tiny config: 3 epochs -> 60 compressed steps, a step decay inside, renormalisation every 25 steps so the
+# renorm path (weights / c, momentum * c, BN running stats) is inside the check.
+TINY = ["run.epochs=3", "schedule.kind=step", "schedule.milestones=[2]", "optim.renorm_every=25"]
+
+
+def _cfg(extra=()):
+    from bigexp.config import load_config
+
+    return load_config(str(REPO / "configs/fmnist/base.yaml"), [*TINY, *extra])
+
+
+def test_invariant_net_passes():
+    from bigexp.verify import TOLERANCE, verify
+
+    res = verify(_cfg(), log=lambda s: None)
+    assert res.passed
+    assert res.steps == 60 and res.steps_per_epoch == 20 and res.checked_steps == 60
+    assert res.renorms >= 2
+    assert res.max_gap < TOLERANCE
+    assert res.history[0][1:4] == (0.0, 0.0, 0.0)
+    assert len(res.invariant_params) == 3  # the three conv weights, found by the real detector
+
+
+def test_noninvariant_net_fails_loudly(capsys):
+    from bigexp.cli import main
+
+    assert main(["verify", "--config", str(REPO / "configs/fmnist/base.yaml"), *TINY,
+                 "--network", "noninvariant"]) == 1
+    err = capsys.readouterr().err
+    assert "FAIL" in err and "NOT equivalent" in err
+    from bigexp.verify import verify
+
+    res = verify(_cfg(), network="noninvariant", log=lambda s: None)
+    assert not res.passed and res.max_gap > 1e-4 and res.first_failure is not None and res.first_failure <= 10
+
+
+def test_cli_pass_prints_gaps(capsys):
+    from bigexp.cli import main
+
+    assert main(["verify", "--config", str(REPO / "configs/fmnist/base.yaml"), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "weights' direction" in out and "outputs (probe logits)" in out
+
+
+def test_bad_config_exits_2(capsys):
+    from bigexp.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["verify", "optim.momentum=1.5"])
+    assert e.value.code == 2
+    assert "optim.momentum" in capsys.readouterr().err
+
+
+def test_compressed_steps():
+    from bigexp.verify import MAX_STEPS, compressed_steps
+
+    assert compressed_steps(3) == (20, 60)
+    assert compressed_steps(90) == (20, 1800)
+    spe, total = compressed_steps(300)
+    assert spe == 6 and total <= MAX_STEPS
+    assert compressed_steps(5000) == (1, 5000)  # at least one step per epoch, the schedule needs it
+
+
+def test_judge_chaos_reference_rule():
+    """History rows: (step, direction, plain, output, reference divergence)."""
+    from bigexp.verify import judge
+
+    kw = dict(total=100, spe=20, invariant=["conv"], renorms=0, seconds=0.0)
+    # Below the tolerance: pass.
+    assert judge([(0, 0, 0, 0, 1e-10), (50, 1e-12, 1e-12, 1e-11, 1e-9)], **kw).passed
+    # Above 1e-8 but far below the chaos reference (training is chaotic): pass.
+    r = judge([(0, 0, 0, 0, 1e-10), (50, 1e-7, 1e-7, 2e-7, 1e-4)], **kw)
+    assert r.passed and r.max_gap == 2e-7
+    # Above 1e-8 and not below 0.1 x the reference: fail, at that step.
+    r = judge([(0, 0, 0, 0, 1e-10), (50, 1e-6, 0, 0, 1e-9), (100, 1e-3, 0, 0, 1e-4)], **kw)
+    assert not r.passed and r.first_failure == 50
+    # After the reference has diverged past the horizon nothing counts.
+    r = judge([(0, 0, 0, 0, 1e-10), (50, 1e-12, 0, 0, 1e-5), (100, 0.5, 0.5, 0.5, 0.4)], **kw)
+    assert r.passed and r.checked_steps == 50 and r.max_gap == 1e-12
+    # A blow-up (inf) is a failure, not a pass.
+    assert not judge([(0, 0, 0, 0, 1e-10), (50, math.inf, math.inf, math.inf, 1e-9)], **kw).passed
