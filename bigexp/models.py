@@ -1,0 +1,254 @@
+"""Model builders: torchvision ResNet-50/18, the paper's pre-activation ResNet-32, a small Fashion-MNIST ResNet.
+
+Every architecture is built from a `ModelConfig` and honours the paper's options:
+  freeze_classifier   the final Linear keeps its random init (requires_grad False), so it drops out of every
+                      optimizer group; the network up to the classifier is then scale invariant end to end.
+  norm_affine         train: gamma/beta train as usual; freeze: kept at init (1, 0) with requires_grad False;
+                      off: the norm layers have no affine parameters at all (affine=False).
+  bn_eps              BatchNorm eps; a non-zero eps is the only thing that breaks exact scale invariance
+                      (BN(c x) = (x - mu) / sqrt(var + eps / c^2)).
+
+Which weights are scale invariant is NOT decided here: `bigexp.optim.invariance` finds it from the traced graph.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.resnet import BasicBlock
+
+from bigexp.config.schema import ModelConfig
+
+ARCHS = ("resnet50", "resnet18", "preact_resnet32", "fmnist_resnet")
+
+# Input resolution (px) each architecture is meant for; used by `example_input` when no res is given.
+# The torchvision nets get 64 px rather than 224 px so a forward is cheap enough for tests and the invariance
+# check, while the last stage still sees 2x2 positions per image (BatchNorm needs >1 value per channel).
+DEFAULT_RES = {"resnet50": 64, "resnet18": 64, "preact_resnet32": 32, "fmnist_resnet": 32}
+
+NormFactory = Callable[[int], nn.Module]
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False)
+
+
+def _init_weights(model: nn.Module) -> None:
+    """He init for convs (as torchvision does), unit gamma / zero beta for norms."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block (He et al. 2016, "Identity mappings"): BN-ReLU-conv-BN-ReLU-conv + shortcut.
+
+    The projection shortcut reads the *pre-activated* input relu(bn1(x)), not x. That choice matters for
+    scale invariance: the shortcut's output is then degree 1 in its own weight only, exactly like conv2's, so
+    the residual stream of a stage (shortcut/stem conv + every block's conv2) is jointly scale invariant. A
+    shortcut on the raw x would be degree 2 in (stream, shortcut) against degree 1 for conv2, and no uniform
+    scaling of the stage's weights would leave the loss unchanged.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, norm: NormFactory):
+        super().__init__()
+        self.bn1 = norm(cin)
+        self.conv1 = _conv3x3(cin, cout, stride)
+        self.bn2 = norm(cout)
+        self.conv2 = _conv3x3(cout, cout)
+        self.shortcut = _conv1x1(cin, cout, stride) if (stride != 1 or cin != cout) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet(nn.Module):
+    """Pre-activation ResNet for 32 px input: stem conv, 3 stages of `blocks` pre-act basic blocks with widths
+    w, 2w, 4w (strides 1, 2, 2), then BN-ReLU-global-avg-pool-fc. blocks=5 is ResNet-32 (6*5 + 2 layers)."""
+
+    def __init__(self, num_classes: int, width: int, blocks: int, norm: NormFactory):
+        super().__init__()
+        w = width
+        self.conv1 = _conv3x3(3, w)
+        layers, cin = [], w
+        for cout, stride in ((w, 1), (2 * w, 2), (4 * w, 2)):
+            stage = []
+            for i in range(blocks):
+                stage.append(PreActBlock(cin, cout, stride if i == 0 else 1, norm))
+                cin = cout
+            layers.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.bn = norm(4 * w)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * w, num_classes)
+        _init_weights(self)
+
+    def residual_end_norms(self):
+        """The last norm inside each residual branch (what zero_init_residual zeroes)."""
+        return [b.bn2 for layer in (self.layer1, self.layer2, self.layer3) for b in layer]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        x = self.layer3(self.layer2(self.layer1(x)))
+        x = F.relu(self.bn(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class FMNISTResNet(nn.Module):
+    """Small post-activation ResNet for 28-32 px, 3-channel Fashion-MNIST.
+
+    stem conv3x3(3->w)-BN-ReLU (no max-pool), then 3 stages of `blocks` torchvision BasicBlocks (conv-BN-ReLU-
+    conv-BN + shortcut, ReLU) with widths w, 2w, 4w and strides 1, 2, 2 (projection shortcut conv1x1-BN), then
+    global-avg-pool-fc. With w=16, blocks=1 at 32 px: 25.7 MFLOPs forward per image (2 FLOPs per MAC) and
+    78,042 parameters (num_classes=10); see tests/test_models.py which measures both.
+    """
+
+    def __init__(self, num_classes: int, width: int, blocks: int, norm: NormFactory):
+        super().__init__()
+        w = width
+        self.conv1 = _conv3x3(3, w)
+        self.bn1 = norm(w)
+        self.relu = nn.ReLU(inplace=True)
+        layers, cin = [], w
+        for cout, stride in ((w, 1), (2 * w, 2), (4 * w, 2)):
+            stage = []
+            for i in range(blocks):
+                s = stride if i == 0 else 1
+                down = None
+                if s != 1 or cin != cout:
+                    down = nn.Sequential(_conv1x1(cin, cout, s), norm(cout))
+                stage.append(BasicBlock(cin, cout, s, down, norm_layer=norm))
+                cin = cout
+            layers.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * w, num_classes)
+        _init_weights(self)
+
+    def residual_end_norms(self):
+        return [b.bn2 for layer in (self.layer1, self.layer2, self.layer3) for b in layer]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _norm_modules(model: nn.Module):
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+    return [m for m in model.modules() if isinstance(m, norm_types)]
+
+
+def _apply_norm_affine(model: nn.Module, mode: str) -> None:
+    for m in _norm_modules(model):
+        if getattr(m, "weight", None) is None:
+            continue
+        if mode == "freeze":
+            m.weight.requires_grad_(False)
+            m.bias.requires_grad_(False)
+        elif mode == "off":
+            # Equivalent to constructing with affine=False (torchvision's init loop needs the weights to exist,
+            # so they are removed after construction). forward() passes weight=None, bias=None to F.batch_norm.
+            m.weight = None
+            m.bias = None
+            if hasattr(m, "affine"):
+                m.affine = False
+            if hasattr(m, "elementwise_affine"):
+                m.elementwise_affine = False
+
+
+def _check(cfg: ModelConfig) -> None:
+    if cfg.arch not in ARCHS:
+        raise ValueError(f"model.arch: unknown architecture {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
+    if cfg.norm_affine not in ("train", "freeze", "off"):
+        raise ValueError(f"model.norm_affine: {cfg.norm_affine!r} is not one of train | freeze | off")
+    if cfg.zero_init_residual and cfg.norm_affine != "train":
+        raise ValueError(
+            f"model.zero_init_residual needs model.norm_affine=train (got {cfg.norm_affine!r}): the zeroed gamma "
+            "would be frozen at 0 (or not exist), switching every residual branch off for good")
+    for key in ("num_classes", "width"):
+        if int(getattr(cfg, key)) <= 0:
+            raise ValueError(f"model.{key}: must be > 0, got {getattr(cfg, key)!r}")
+    if not cfg.bn_eps > 0:
+        raise ValueError(f"model.bn_eps: must be > 0, got {cfg.bn_eps!r}")
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """Build the network described by `cfg` (no pretrained weights are ever downloaded).
+
+    Output: logits of shape (batch, cfg.num_classes) for input (batch, 3, H, W), H = W >= 32 for the small nets
+    (28 works too) and >= 32 for the torchvision ResNets. Seed torch before calling for a reproducible init.
+    """
+    _check(cfg)
+    norm = functools.partial(nn.BatchNorm2d, eps=cfg.bn_eps)
+    if cfg.arch in ("resnet50", "resnet18"):
+        ctor = torchvision.models.resnet50 if cfg.arch == "resnet50" else torchvision.models.resnet18
+        model = ctor(weights=None, num_classes=cfg.num_classes, norm_layer=norm,
+                     zero_init_residual=cfg.zero_init_residual)
+    else:
+        if cfg.arch == "preact_resnet32":
+            model = PreActResNet(cfg.num_classes, cfg.width, blocks=5, norm=norm)
+        else:
+            model = FMNISTResNet(cfg.num_classes, cfg.width, blocks=1, norm=norm)
+        if cfg.zero_init_residual:
+            for bn in model.residual_end_norms():
+                nn.init.zeros_(bn.weight)
+    _apply_norm_affine(model, cfg.norm_affine)
+    if cfg.freeze_classifier:
+        model.fc.weight.requires_grad_(False)
+        model.fc.bias.requires_grad_(False)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def example_input(cfg_or_arch: Union[ModelConfig, str], batch: int = 4, res: int | None = None,
+                  *, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    """A small deterministic normal-noise input (batch, 3, res, res) for tracing, invariance checks and tests.
+
+    res defaults to DEFAULT_RES[arch] (px). Channels-last when a ModelConfig with channels_last=True is given.
+    batch >= 2 is needed for BatchNorm in train mode (batch statistics); 4 or more is safer.
+    """
+    arch = cfg_or_arch.arch if isinstance(cfg_or_arch, ModelConfig) else str(cfg_or_arch)
+    if arch not in ARCHS:
+        raise ValueError(f"model.arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    res = DEFAULT_RES[arch] if res is None else int(res)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, res, res, generator=g, dtype=dtype)
+    if isinstance(cfg_or_arch, ModelConfig) and cfg_or_arch.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def forward_flops(model: nn.Module, x: torch.Tensor) -> float:
+    """Forward FLOPs per input item (2 FLOPs per multiply-add; convs and matmuls, as torch's FlopCounterMode
+    counts them), measured on `x` in eval mode with gradients off."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model(x)
+    finally:
+        model.train(was_training)
+    return fc.get_total_flops() / x.shape[0]
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
