@@ -269,13 +269,14 @@ def build_report(logdir: Path | str, *, plots: bool = True) -> ReportResult:
     runs = find_runs(logdir)
     gap_events = load_scalar_events(runs.pop(GAP_RUN)) if GAP_RUN in runs else {}
     gap = {t: (v[0], v[1]) for t, v in gap_events.items()}
-    if not runs and not gap:
+    # Runs whose event files hold no scalars (e.g. a comparison's layout-only root inside a parent dir) are skipped.
+    events = {name: ev for name, ev in ((n, load_scalar_events(d)) for n, d in runs.items()) if ev}
+    if not events and not gap:
         raise FileNotFoundError(f"{logdir}: no TensorBoard event files with scalars here or in its subdirectories")
     summaries, scalars = [], {}
-    for name, d in runs.items():
-        ev = load_scalar_events(d)
+    for name, ev in events.items():
         scalars[name] = {t: (v[0], v[1]) for t, v in ev.items()}
-        summaries.append(summarize_run(name, ev, run_arm(d)))
+        summaries.append(summarize_run(name, ev, run_arm(runs[name])))
     baseline = pick_baseline(summaries)
     if baseline is not None:  # baseline first, the other arms after it in directory order
         summaries = [baseline] + [s for s in summaries if s is not baseline]
