@@ -154,3 +154,30 @@ def timer() -> Callable[[], float]:
 def base_report(bench: str, args) -> dict:
     return {"bench": bench, "args": {k: v for k, v in vars(args).items()}, "machine": machine(),
             "versions": versions(), "notes": []}
+
+
+def subset_tree(source: Path, n: int, out: Path) -> Path:
+    """An ImageFolder of symlinks to the first n images of `source` (sorted), for small runs."""
+    from bigexp.data.write import scan_imagefolder
+
+    classes, samples = scan_imagefolder(source)
+    root = out / f"subset_{source.name}_{n}"
+    if root.is_dir():
+        return root
+    tmp = out / f".subset_{source.name}_{n}.tmp{os.getpid()}"
+    for path, idx in samples[:n]:
+        d = tmp / classes[idx]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / Path(path).name).symlink_to(Path(path).resolve())
+    os.replace(tmp, root)
+    return root
+
+
+def ensure_beton(source: Path, path: Path, *, rewrite: bool, **write_kw) -> dict:
+    from bigexp.data.write import write_imagefolder
+
+    if path.exists() and not rewrite:
+        return {"path": str(path), "written": False, "bytes": path.stat().st_size}
+    res = write_imagefolder(source, path, progress=False, **write_kw)
+    return {"path": str(path), "written": True, "bytes": res.bytes, "write_s": res.seconds,
+            "num_samples": res.num_samples}

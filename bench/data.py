@@ -48,33 +48,6 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def subset_tree(source: Path, n: int, out: Path) -> Path:
-    """An ImageFolder of symlinks to the first n images of `source` (sorted), for small runs."""
-    from bigexp.data.write import scan_imagefolder
-
-    classes, samples = scan_imagefolder(source)
-    root = out / f"subset_{source.name}_{n}"
-    if root.is_dir():
-        return root
-    tmp = out / f".subset_{source.name}_{n}.tmp{os.getpid()}"
-    for path, idx in samples[:n]:
-        d = tmp / classes[idx]
-        d.mkdir(parents=True, exist_ok=True)
-        (d / Path(path).name).symlink_to(Path(path).resolve())
-    os.replace(tmp, root)
-    return root
-
-
-def ensure_beton(source: Path, path: Path, *, rewrite: bool, **write_kw) -> dict:
-    from bigexp.data.write import write_imagefolder
-
-    if path.exists() and not rewrite:
-        return {"path": str(path), "written": False, "bytes": path.stat().st_size}
-    res = write_imagefolder(source, path, progress=False, **write_kw)
-    return {"path": str(path), "written": True, "bytes": res.bytes, "write_s": res.seconds,
-            "num_samples": res.num_samples}
-
-
 def ffcv_arm(beton: Path, args):
     from bigexp.config.schema import DataConfig
     from bigexp.data.loaders import build_train_loader
@@ -129,7 +102,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     source = Path(args.source)
     if args.images:
-        source = subset_tree(source, args.images, out)
+        source = C.subset_tree(source, args.images, out)
     tag = f"{Path(args.source).name}_{args.images or 'all'}"
     arms_wanted = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = set(arms_wanted) - {"pil", "ffcv_full", "ffcv_256"}
@@ -139,12 +112,12 @@ def main(argv=None) -> int:
     betons, arms, per_epoch = {}, {}, {}
     if "ffcv_full" in arms_wanted:
         # max_res far above any ImageNet image: stored at the original size, every image as JPEG q90.
-        betons["ffcv_full"] = ensure_beton(source, out / f"{tag}_full_jpg90.beton", rewrite=args.rewrite,
+        betons["ffcv_full"] = C.ensure_beton(source, out / f"{tag}_full_jpg90.beton", rewrite=args.rewrite,
                                            max_res=1 << 14, write_mode="jpg", jpeg_quality=90)
     if "ffcv_256" in arms_wanted:
         from bigexp.config.schema import DataConfig
         d = DataConfig()
-        betons["ffcv_256"] = ensure_beton(source, out / f"{tag}_max{d.write_max_res}.beton", rewrite=args.rewrite,
+        betons["ffcv_256"] = C.ensure_beton(source, out / f"{tag}_max{d.write_max_res}.beton", rewrite=args.rewrite,
                                           max_res=d.write_max_res, write_mode=d.write_mode,
                                           jpeg_quality=d.write_jpeg_quality,
                                           compress_probability=d.write_compress_probability)
