@@ -3,7 +3,7 @@
 Every claim of invariance is checked by scaling weights and watching the output; every claim of NON-invariance
 is checked the same way (the output must move), so none of these tests can pass by detecting nothing.
 """
-import math
+import json
 
 import pytest
 import torch
@@ -129,6 +129,20 @@ def test_fmnist_resnet():
     assert not any(s.joint for s in r.invariant_sets)
     assert r.counts()["plain"] == 20   # 9 BNs x (gamma, beta) + fc weight and bias
     _assert_sets_verified(r)
+    json.dumps(r.to_dict())   # loggable as is
+
+
+def test_bf16_model_is_checked_in_float32():
+    """bf16 round-off (~1e-2) would fail every set at tol 1e-3; the check runs on a float32 copy instead and
+    leaves the bf16 model untouched."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="fmnist_resnet")
+    m = build_model(cfg).to(torch.bfloat16)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    r = find_scale_invariant(m, example_input(cfg, batch=8), check="grouped")
+    assert len(r.invariant_sets) == 9
+    _assert_sets_verified(r)
+    assert all(torch.equal(before[k], v) and v.dtype == before[k].dtype for k, v in m.state_dict().items())
 
 
 # ---------------------------------------------------------------------------------------------------------

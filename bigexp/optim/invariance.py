@@ -40,8 +40,8 @@ f(c W; eps) vs f(W; eps) is measured too (`eps_gap`; per set when asked, always 
 """
 from __future__ import annotations
 
+import copy
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -545,7 +545,8 @@ def find_scale_invariant(model: nn.Module, example_input: Optional[torch.Tensor]
     model:          an nn.Module that torch.fx.symbolic_trace can trace (pass the bare module, not a DeepSpeed
                     engine or DDP wrapper).
     example_input:  a batch (>= 2, better >= 4, for BatchNorm's batch statistics) used by the numeric check; it
-                    is moved to the model's device. May be None when check=False.
+                    is moved to the model's device and dtype. May be None when check=False. A bf16/fp16 model
+                    is checked on a float32 copy.
     tol:            relative output change (L2 over all outputs, eps-compensated, see the module docstring)
                     above which a graph-invariant set is demoted to plain; > 0. Float32 round-off measures
                     1e-7..1e-4 (deep nets amplify it), so 1e-3 separates it from a wrong claim (O(1) changes).
@@ -603,14 +604,20 @@ def find_scale_invariant(model: nn.Module, example_input: Optional[torch.Tensor]
         sets.append(ParamSet(i, params, invariant, reason, list(S.layers[r]), list(norms.values()) if invariant
                              else [], joint))
 
-    params = dict(model.named_parameters())
     checked = check
     union_rel = union_gap = None
     if check:
         if example_input is None:
             raise ValueError("example_input: needed for the numeric check (or pass check=False)")
-        dev = next(iter(params.values())).device if params else example_input.device
-        probe = _Probe(model, example_input.to(dev))
+        # bf16/fp16 round-off (~1e-2) would swamp tol: check a float32 copy instead (same names, same graph)
+        low = any(p.is_floating_point() and p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
+        cmodel = copy.deepcopy(model).float() if low else model
+        params = dict(cmodel.named_parameters())
+        p0 = next(iter(params.values()), None)
+        x = example_input.to(device=p0.device if p0 is not None else example_input.device)
+        if p0 is not None and x.is_floating_point():
+            x = x.to(dtype=p0.dtype)
+        probe = _Probe(cmodel, x)
         base = probe.forward()
         def change(scales: dict, compensate: bool = True) -> float:
             """scales: set index -> c. Compensated: each absorbing norm module's eps times prod c^(2 degree)."""
@@ -618,7 +625,7 @@ def find_scale_invariant(model: nn.Module, example_input: Optional[torch.Tensor]
             for si, c in scales.items():
                 for u in (sets[si].norms if compensate else []):
                     if u.module:
-                        mod = model.get_submodule(u.name)
+                        mod = cmodel.get_submodule(u.name)
                         factor[mod] = factor.get(mod, 1.0) * c ** (2 * u.degree)
             scaled = [(params[n], c) for si, c in scales.items() for n in sets[si].params]
             return probe.rel_change(base, scaled, factor)
