@@ -281,7 +281,8 @@ def build_report(logdir: Path | str, *, plots: bool = True) -> ReportResult:
     if baseline is not None:  # baseline first, the other arms after it in directory order
         summaries = [baseline] + [s for s in summaries if s is not baseline]
 
-    written = plotting.plot_compare(scalars, logdir / "plots", gap=gap or None) if plots else []
+    ordered = {s.name: scalars[s.name] for s in summaries}  # baseline first, as in the table
+    written = plotting.plot_compare(ordered, logdir / "plots", gap=gap or None) if plots else []
     parts = [f"# bigexp report: {logdir}", "",
              f"Read from the TensorBoard event files. Unfinished runs are fine: not yet logged = {DASH}.", "",
              "## Arms", "", arms_table(summaries), ""]
