@@ -639,6 +639,12 @@ def run(args) -> int:
     except NonFiniteLossError as e:
         print(f"bigexp compare: {e}", file=sys.stderr)
         code = 3
+    except RuntimeError as e:
+        # A checkpoint that does not fit (bigexp.checkpoint.CheckpointError) is bad input, like a bad config.
+        if type(e).__name__ != "CheckpointError":
+            raise
+        print(f"bigexp compare: {e}", file=sys.stderr)
+        code = 2
     shutdown_distributed()
     exit_process(code)  # past C++ destructors: see bigexp.distributed.exit_process (gloo abort at exit)
     return code
