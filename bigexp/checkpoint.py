@@ -1,7 +1,7 @@
 """Atomic, self-checking checkpoints around DeepSpeed's save/load.
 
-Layout: <run>/checkpoints/step000001234/ holds DeepSpeed's files for that step, one `rng_rank<r>.pt` per rank and a
-`manifest.json` (sizes and sha256 of every file, the model signature, world size). A checkpoint is written under
+Layout: <run>/checkpoints/step000001234/ holds DeepSpeed's files for that step, one `rng_rank<r>.pt` per rank (its
+RNG states and its module buffers) and a `manifest.json` (sizes and sha256 of every file, the model signature, world size). A checkpoint is written under
 `.tmp-step…` and renamed into place only after every rank has finished and the manifest is on disk, so a kill at any
 moment leaves the previous checkpoint loadable; a truncated or corrupt one fails its manifest check and is skipped
 with a warning naming it.
@@ -22,6 +22,9 @@ import torch
 from bigexp.distributed import DistContext
 
 MANIFEST = "manifest.json"
+# Test-only fault injection (tests/test_reliability_checkpoint.py): the save of this global step sleeps (an hour)
+# after every rank has written its files and before the manifest and the rename, so a test can kill it there.
+_TEST_SLEEP_IN_SAVE_AT_STEP = int(os.environ.get("BIGEXP_TEST_SLEEP_IN_SAVE_AT_STEP", "0"))
 
 
 class CheckpointError(RuntimeError):
@@ -126,9 +129,16 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
         self.ctx.barrier()
         engine.ds.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
-        torch.save(rng_state(), tmp / f"rng_rank{self.ctx.rank}.pt")
+        # DeepSpeed saves the module of rank 0 only, but BatchNorm running statistics are rank-local between the
+        # end-of-epoch syncs (each rank normalises its own shard): without them a mid-epoch resume would hand rank
+        # 0's statistics to every rank and the run would no longer be the uninterrupted one.
+        local = {**rng_state(), "module_buffers": {n: b.detach().clone() for n, b in engine.ds.module.named_buffers()}}
+        torch.save(local, tmp / f"rng_rank{self.ctx.rank}.pt")
         self.ctx.barrier()
         final = self.root / tag
+        if self.ctx.is_main and global_step == _TEST_SLEEP_IN_SAVE_AT_STEP:
+            import time
+            time.sleep(3600)
         if self.ctx.is_main:
             files = {}
             for f in sorted(tmp.rglob("*")):
@@ -162,6 +172,7 @@ class CheckpointManager:
             return p
         chosen = None
         if self.ctx.is_main:
+            self._clean_interrupted_saves()
             for p in self.list():
                 try:
                     verify_checkpoint(p)
@@ -171,6 +182,22 @@ class CheckpointManager:
                     warnings.warn(f"skipping checkpoint {p}: {e}")
         chosen = self.ctx.broadcast_object(chosen)
         return Path(chosen) if chosen else None
+
+    def _clean_interrupted_saves(self) -> None:
+        """Rank 0, before choosing: undo what a save killed midway left behind.
+
+        `.old-<tag>` without `<tag>`: killed between the two renames of a re-save; the old copy was complete, so it
+        goes back. `.tmp-*`: a save that never reached its rename; never loadable, removed to free the space.
+        """
+        if not self.root.is_dir():
+            return
+        for p in sorted(self.root.iterdir()):
+            if p.name.startswith(".old-") and not (self.root / p.name[len(".old-"):]).exists():
+                warnings.warn(f"restoring {p.name} to {p.name[len('.old-'):]} (a re-save was interrupted)")
+                os.replace(p, self.root / p.name[len(".old-"):])
+            elif p.name.startswith((".tmp-", ".old-")) and p.is_dir():
+                warnings.warn(f"removing {p} (left by an interrupted checkpoint save)")
+                shutil.rmtree(p, ignore_errors=True)
 
     def load(self, engine, path: Path, signature: dict) -> dict:
         """Collective. Restores engine (weights, optimizer, scheduler) and this rank's RNG; returns client state."""
@@ -190,5 +217,11 @@ class CheckpointManager:
             raise CheckpointError(f"{path}: DeepSpeed could not load it")
         rng_file = path / f"rng_rank{self.ctx.rank}.pt"
         if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            local = torch.load(rng_file, weights_only=False)
+            set_rng_state(local)
+            buffers = dict(engine.ds.module.named_buffers())
+            with torch.no_grad():
+                for name, value in local.get("module_buffers", {}).items():
+                    if name in buffers:
+                        buffers[name].copy_(value)
         return client or {}

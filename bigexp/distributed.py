@@ -93,12 +93,21 @@ def init_distributed(device: str = "auto") -> DistContext:
         # DeepSpeed wants a process group even for one rank; a free port keeps concurrent single runs apart.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500" if world > 1 else str(_free_port()))
-        dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(minutes=int(os.environ.get("BIGEXP_DIST_TIMEOUT_MIN", "30"))),
-        )
+        timeout = datetime.timedelta(minutes=int(os.environ.get("BIGEXP_DIST_TIMEOUT_MIN", "30")))
+        backend = "nccl" if use_cuda else "gloo"
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if restart > 0:
+            # torchrun --max-restarts: the new worker group talks through the agent's store, which still holds the
+            # dead group's keys (gloo/nccl addresses of every process group). Unprefixed, the new ranks read those and
+            # connect to dead ports: "connectFullMesh failed ... Connection refused", or a hang. One prefix per
+            # attempt keeps them apart; every later group (DeepSpeed's new_group) inherits it from the default store.
+            from torch.distributed.rendezvous import rendezvous
+
+            store, _, _ = next(rendezvous("env://", rank, world, timeout=timeout))
+            store = dist.PrefixStore(f"bigexp/attempt{restart}", store)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world, device=dev)
 
 

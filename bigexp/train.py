@@ -23,6 +23,13 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+# Test-only fault injection (tests/test_reliability*.py), read once; unset in real runs.
+#   BIGEXP_TEST_NAN_AT_STEP=N     step N (1-based, as logged) gets NaN inputs, so its loss is NaN
+#   BIGEXP_TEST_STEP_DELAY_S=S    sleep S seconds after each step, so a test can signal a run mid-flight
+_TEST_NAN_AT_STEP = int(os.environ.get("BIGEXP_TEST_NAN_AT_STEP", "0"))
+_TEST_STEP_DELAY_S = float(os.environ.get("BIGEXP_TEST_STEP_DELAY_S", "0"))
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -49,6 +56,8 @@ def run(args) -> int:
     cfg = config_from_args_or_exit(args, world_size=int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1))))
     if args.resume is not None:
         cfg.run.resume = args.resume
+    from bigexp.checkpoint import CheckpointError
+    from bigexp.data.write import DataError
     from bigexp.distributed import exit_process, shutdown_distributed
 
     try:
@@ -57,6 +66,12 @@ def run(args) -> int:
         print(f"bigexp train: {e}", file=sys.stderr)
         shutdown_distributed()
         exit_process(3)
+    except (DataError, CheckpointError) as e:
+        # Bad input (a data file, a checkpoint): one line naming it, status 2 like a config error. No barrier on
+        # the way out: the other ranks may not have hit the same error and would never join one.
+        rank = os.environ.get("RANK", "0")
+        print(f"bigexp train: {'' if rank == '0' else f'[rank {rank}] '}{e}", file=sys.stderr, flush=True)
+        exit_process(2)
     shutdown_distributed()
     exit_process(0)
 
@@ -181,7 +196,7 @@ def train(cfg: Config, *, ctx=None, logger=None, step_hook=None) -> TrainResult:
     from bigexp.optim.schedules import ParamGroupScheduler, build_schedule
     from bigexp.tb import TBLogger
 
-    # --- setup: ranks, threads, seeds, run directory, the resolved config beside the logs
+    # --- setup: ranks, threads, seeds (the run directory is written only once data and checkpoint have loaded)
     ctx = ctx or init_distributed(cfg.run.device)
     validate(cfg, world_size=ctx.world_size)
     threads = _set_threads(cfg, ctx)
@@ -189,10 +204,6 @@ def train(cfg: Config, *, ctx=None, logger=None, step_hook=None) -> TrainResult:
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, run_dir / "config.yaml")
-    ctx.barrier()
 
     # --- data: FFCV files (written once, by rank 0), loaders sharded across ranks
     ensure_betons(cfg.data, rank=ctx.rank, world_size=ctx.world_size, barrier=ctx.barrier,
@@ -236,6 +247,12 @@ def train(cfg: Config, *, ctx=None, logger=None, step_hook=None) -> TrainResult:
         if ctx.is_main:
             print(f"[bigexp] resumed from {resume_path} at step {global_step} (epoch {start_epoch}, "
                   f"batch {start_batch})", flush=True)
+    # Only now, with every input proven good, touch the run directory: a bad data path or a checkpoint of another
+    # model fails above and leaves an existing run exactly as it was.
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, run_dir / "config.yaml")
+    ctx.barrier()
 
     def client_state(epoch: int, batch_in_epoch: int) -> dict:
         exp = built.optimizer.exp_state_dict() if hasattr(built.optimizer, "exp_state_dict") else None
@@ -273,12 +290,15 @@ def train(cfg: Config, *, ctx=None, logger=None, step_hook=None) -> TrainResult:
         batch_in_epoch = first_batch
         for x, y in batches:
             t0 = time.perf_counter()
+            if _TEST_NAN_AT_STEP and global_step + 1 == _TEST_NAN_AT_STEP:
+                x = torch.full_like(x, float("nan"))
             loss, flags = train_micro_step(engine, x, y, ctx, label_smoothing=cfg.optim.label_smoothing,
                                            stop_requested=preempt.requested)
             if flags[0] > 0 and cfg.engine.precision != "fp16":
                 last = ckpt.list()
+                # Step numbers as logged and checkpointed: this would have become step global_step + 1.
                 raise NonFiniteLossError(
-                    f"non-finite loss ({float(loss)}) at step {global_step} (epoch {epoch}, batch {batch_in_epoch}) "
+                    f"non-finite loss ({float(loss)}) at step {global_step + 1} (epoch {epoch}, batch {batch_in_epoch}) "
                     f"of {run_dir}; nothing was applied. Last checkpoint: {last[0] if last else 'none'}")
             batch_in_epoch += 1
             loss_sum += float(loss.detach())
@@ -291,6 +311,8 @@ def train(cfg: Config, *, ctx=None, logger=None, step_hook=None) -> TrainResult:
                 bar.update(1)
             if step_hook is not None:
                 step_hook(global_step, engine)
+            if _TEST_STEP_DELAY_S:
+                time.sleep(_TEST_STEP_DELAY_S)
 
             if global_step % cfg.log.every_steps == 0 or global_step == total_steps:
                 stats = group_stats(built.optimizer, built.group_names)

@@ -9,9 +9,10 @@ The sample order is computed here, not by FFCV's TraversalOrder: it is a pure fu
 The batches then go through FFCV's own EpochIterator, so decoding, JIT pipelines and
 prefetching are FFCV's.
 
-What is NOT reproducible: the random crop / flip draws. FFCV's JIT augmentations draw from
-numba's per-thread generators, which cannot be seeded per sample. Resume gives the same samples
-in the same batches, with fresh augmentation draws.
+Augmentation is reproducible too: the train crop and flip come from `bigexp.data.augment`, whose
+draws are a pure function of (seed, epoch, sample index) (FFCV's own crop/flip draw from numba's
+per-thread generators and are not). So a resumed epoch decodes exactly the pixels an
+uninterrupted one would.
 """
 from __future__ import annotations
 
@@ -128,12 +129,11 @@ class _FFCVBatches:
 
     def __init__(self, path, *, decoder, batch_size: int, num_workers: int, os_cache: bool,
                  dtype: torch.dtype, device, mean, std, channels_last: bool, batches_ahead: int,
-                 order: str = "random", seed: int = 0, flip: bool = False):
+                 order: str = "random", seed: int = 0):
         import_ffcv()
         from ffcv.fields.basics import IntDecoder
         from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, ToDevice, ToTensor,
-                                     ToTorchImage)
+        from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
 
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size}: expected > 0")
@@ -149,9 +149,7 @@ class _FFCVBatches:
         self._decoder = decoder
         self._gpu = self.device.type == "cuda"
 
-        image_pipe = [decoder]
-        if flip:
-            image_pipe.append(RandomHorizontalFlip())
+        image_pipe = [decoder]  # a train decoder flips by itself (bigexp.data.augment)
         if self._gpu:
             # FFCV's GPU order: move uint8 (4x less PCIe traffic), then permute on the device.
             # FFCV's GPU NormalizeImage needs cupy; normalising in torch on the device instead.
@@ -185,16 +183,18 @@ class _FFCVBatches:
             images = images.to(self.dtype, copy=True)
         return images, labels.reshape(-1).to(torch.int64, copy=True)
 
-    def _iterate(self, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from ffcv.loader.epoch_iterator import EpochIterator
+    def _iterate(self, order: np.ndarray, aug_key: Optional[int] = None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from ffcv.pipeline.compiler import Compiler
+
+        from bigexp.data.augment import seeded_epoch_iterator
 
         if len(order) == 0:
             return
         threads = torch.get_num_threads()
         try:
             Compiler.set_num_threads(self.num_workers)
-            it = EpochIterator(self._loader, np.ascontiguousarray(order, dtype=np.uint64))
+            it = seeded_epoch_iterator(self._loader, np.ascontiguousarray(order, dtype=np.uint64), aug_key)
         finally:
             torch.set_num_threads(threads)
         try:
@@ -238,7 +238,9 @@ class TrainLoader(_FFCVBatches):
     def __init__(self, cfg, *, batch_size: int, rank: int, world_size: int, seed: int,
                  dtype=torch.float32, device="cpu", order: str = "random", batches_ahead: int = 3):
         import_ffcv()
-        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+
+        from bigexp.data.augment import seeded_crop_flip_decoder
 
         if order not in ORDERS:
             raise ValueError(f"order={order!r}: expected one of {ORDERS}")
@@ -256,14 +258,14 @@ class TrainLoader(_FFCVBatches):
                                                cfg.end_ramp_epoch)
         size = (self.resolution, self.resolution)
         if cfg.random_crop:
-            decoder = RandomResizedCropRGBImageDecoder(size)
+            decoder = seeded_crop_flip_decoder(size)  # crop AND flip, reproducible per (seed, epoch, sample)
         else:
             decoder = CenterCropRGBImageDecoder(size, ratio=_crop_ratio(cfg))
         mean, std = _stats(cfg)
         super().__init__(cfg.train_beton, decoder=decoder, batch_size=batch_size,
                          num_workers=cfg.num_workers, os_cache=cfg.os_cache, dtype=dtype, device=device,
                          mean=mean, std=std, channels_last=cfg.channels_last, batches_ahead=batches_ahead,
-                         order=order, seed=seed, flip=cfg.random_crop)
+                         order=order, seed=seed)
         if len(self) == 0:
             raise DataError(f"{cfg.train_beton}: {self.num_samples} samples cannot fill one batch of "
                             f"{batch_size} per rank on {world_size} rank(s)")
@@ -299,7 +301,10 @@ class TrainLoader(_FFCVBatches):
         the same batches as an uninterrupted pass would give (no decoding of skipped batches)."""
         if not (0 <= batch_index <= len(self)):
             raise ValueError(f"batch_index={batch_index} outside [0, {len(self)}]")
-        return self._iterate(self.indices()[batch_index * self.batch_size:])
+        from bigexp.data.augment import epoch_key
+
+        key = epoch_key(self.seed, self.epoch) if self.cfg.random_crop else None
+        return self._iterate(self.indices()[batch_index * self.batch_size:], aug_key=key)
 
 
 class ValLoader(_FFCVBatches):
@@ -321,7 +326,7 @@ class ValLoader(_FFCVBatches):
         super().__init__(cfg.val_beton, decoder=decoder, batch_size=batch_size,
                          num_workers=cfg.num_workers, os_cache=cfg.os_cache, dtype=dtype, device=device,
                          mean=mean, std=std, channels_last=cfg.channels_last, batches_ahead=batches_ahead,
-                         seed=seed, flip=False)
+                         seed=seed)
 
     def set_epoch(self, epoch: int) -> None:
         """Validation order does not depend on the epoch; kept for a uniform interface."""
