@@ -92,6 +92,10 @@ def main(argv=None) -> int:
     base = ranks[0]
     report["speedup"] = {str(n): ips[n]["median"] / ips[base]["median"] for n in ranks}
     report["efficiency"] = {str(n): ips[n]["median"] / (ips[base]["median"] * n / base) for n in ranks}
+    # paired: each round's launches ran back to back (1 2, then 2 1), so their ratio cancels the machine's drift
+    report["efficiency_per_round"] = {
+        str(n): [a["images_per_s"] / (b["images_per_s"] * n / base) for a, b in zip(runs[n], runs[base])]
+        for n in ranks}
     cores = os.cpu_count() or 1
     if max(ranks) * args.threads > cores:
         report["notes"].append(f"{max(ranks)} ranks x {args.threads} threads > {cores} cores: oversubscribed")
