@@ -298,8 +298,8 @@ def train(cfg: Config, *, ctx=None, logger=None, step_hook=None) -> TrainResult:
                 last = ckpt.list()
                 # Step numbers as logged and checkpointed: this would have become step global_step + 1.
                 raise NonFiniteLossError(
-                    f"non-finite loss ({float(loss)}) at step {global_step + 1} (epoch {epoch}, batch {batch_in_epoch}) "
-                    f"of {run_dir}; nothing was applied. Last checkpoint: {last[0] if last else 'none'}")
+                    f"non-finite loss ({float(loss)}) at step {global_step + 1} (epoch {epoch}, "
+                    f"batch {batch_in_epoch}) of {run_dir}; nothing was applied. Last checkpoint: {last[0] if last else 'none'}")
             batch_in_epoch += 1
             loss_sum += float(loss.detach())
             loss_n += 1
