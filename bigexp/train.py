@@ -299,7 +299,8 @@ def train(cfg: Config, *, ctx=None, logger=None, step_hook=None) -> TrainResult:
                 # Step numbers as logged and checkpointed: this would have become step global_step + 1.
                 raise NonFiniteLossError(
                     f"non-finite loss ({float(loss)}) at step {global_step + 1} (epoch {epoch}, "
-                    f"batch {batch_in_epoch}) of {run_dir}; nothing was applied. Last checkpoint: {last[0] if last else 'none'}")
+                    f"batch {batch_in_epoch}) of {run_dir}; nothing was applied. "
+                    f"Last checkpoint: {last[0] if last else 'none'}")
             batch_in_epoch += 1
             loss_sum += float(loss.detach())
             loss_n += 1
