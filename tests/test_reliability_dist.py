@@ -10,7 +10,7 @@ BITWISE the state of an uninterrupted run:
               (what SLURM's --signal sends to job steps) -> checkpoint at the step boundary, exit 0
   attempt 2   --resume auto; SIGTERM to the torchrun agent (what the sbatch trap sends through srun) -> the agent
               forwards it to the ranks and waits; they checkpoint and exit
-  attempt 3   --resume auto; the whole job SIGKILLed at a random step (a node dies)
+  attempt 3   --resume auto; the whole job SIGKILLed at a random step of epoch 1 (a node dies)
   attempt 4   --resume auto; runs to the end
 
 A test-only hook (BIGEXP_TEST_STEP_DELAY_S) slows steps to ~0.25 s so signals land mid-run, not after it.
@@ -240,7 +240,8 @@ def chain(tmp_path_factory, data):
     job = Job(args + ["--resume", "auto"], tmp / "a3.log")
     resumed = job.wait_until("attempt 3 to resume", lambda: resumed_at(job.log()))
     rec["a3_resumed_at"] = resumed
-    job.wait_until("a checkpoint in attempt 3", lambda: newest_after(run_dir, resumed))
+    # in epoch 1, so the last resume lands mid-epoch in an epoch with other data order and augmentation keys
+    job.wait_until("a checkpoint of epoch 1 in attempt 3", lambda: newest_after(run_dir, max(resumed, 16)))
     time.sleep(rng.uniform(0, 3) * STEP_DELAY_S)
     job.kill()
     rec["a3_saved"] = steps_saved(run_dir)
