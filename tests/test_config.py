@@ -397,7 +397,7 @@ def test_shipped_run_names_unique():
 
 def test_shipped_config_facts():
     fm = load_config(os.path.join(REPO, "configs", "fmnist", "main.yaml"))
-    assert fm.run.epochs == 3 and fm.compare.arms == ["sgd", "expsgd"] and 28 <= fm.data.min_res <= 32
+    assert fm.run.epochs == 4 and fm.compare.arms == ["sgd", "expsgd"] and fm.data.min_res == 32
     rn = load_config(os.path.join(REPO, "configs", "imagenet", "rn50_step.yaml"))
     assert (rn.model.arch, rn.model.num_classes, rn.run.epochs, rn.schedule.milestones) == ("resnet50", 1000, 90,
                                                                                             [30, 60, 80])
@@ -424,11 +424,11 @@ def test_cli_prints_resolved_yaml():
 
 
 def test_cli_overrides_anywhere_among_options():
-    res = _cli("optim.lr=0.3", "--config", "configs/fmnist/main.yaml", "data.batch_size=64", "--set", "run.epochs=2",
+    res = _cli("optim.lr=0.3", "--config", "configs/fmnist/main.yaml", "data.batch_size=64", "--set", "run.epochs=6",
                cwd=REPO)
     assert res.returncode == 0, res.stderr
     got = yaml.safe_load(res.stdout)
-    assert (got["optim"]["lr"], got["data"]["batch_size"], got["run"]["epochs"]) == (0.3, 64, 2)
+    assert (got["optim"]["lr"], got["data"]["batch_size"], got["run"]["epochs"]) == (0.3, 64, 6)
     assert "\nrun:\n  name: fmnist_main\n" in "\n" + res.stdout          # block style, one key per line
 
 

@@ -58,6 +58,8 @@ class DataConfig:
     val_res: int = f(32, "Validation resolution (centre crop with ratio 224/256 for imagenet).", gt=0)
     os_cache: bool = f(False, "Let the OS page cache hold the file (FFCV os_cache) instead of FFCV's own.")
     random_crop: bool = f(True, "Random-resized-crop + flip on train (off: centre crop, no flip).")
+    crop_scale_min: float = f(0.08, "Smallest crop area fraction of random-resized-crop (torchvision/FFCV: 0.08; "
+                                    "small 28-32 px images train better with ~0.35).", gt=0, le=1)
     fmnist_size: int = f(32, "Fashion-MNIST images are resized to this (px) when written.", gt=0)
     write_max_res: int = f(256, "Longest side stored when writing an ImageFolder (px).", gt=0)
     write_jpeg_quality: int = f(90, "JPEG quality when writing compressed images.", ge=1, le=100)

@@ -258,7 +258,8 @@ class TrainLoader(_FFCVBatches):
                                                cfg.end_ramp_epoch)
         size = (self.resolution, self.resolution)
         if cfg.random_crop:
-            decoder = seeded_crop_flip_decoder(size)  # crop AND flip, reproducible per (seed, epoch, sample)
+            # crop AND flip, reproducible per (seed, epoch, sample)
+            decoder = seeded_crop_flip_decoder(size, scale=(cfg.crop_scale_min, 1.0))
         else:
             decoder = CenterCropRGBImageDecoder(size, ratio=_crop_ratio(cfg))
         mean, std = _stats(cfg)
