@@ -59,14 +59,6 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device: str = "auto") -> DistContext:
     """Initialise torch.distributed from the environment if a launcher set it up, else run as one process.
 
@@ -91,12 +83,17 @@ def init_distributed(device: str = "auto") -> DistContext:
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
     if not dist.is_initialized():
         # DeepSpeed wants a process group even for one rank; a free port keeps concurrent single runs apart.
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500" if world > 1 else str(_free_port()))
+        if world > 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
         timeout = datetime.timedelta(minutes=int(os.environ.get("BIGEXP_DIST_TIMEOUT_MIN", "30")))
         backend = "nccl" if use_cuda else "gloo"
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-        if restart > 0:
+        if world == 1:
+            # DeepSpeed wants a process group even for one rank. An in-process store needs no port: an inherited
+            # MASTER_PORT (a parent that ran a group of its own, a test runner) cannot collide with it.
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        elif restart > 0:
             # torchrun --max-restarts: the new worker group talks through the agent's store, which still holds the
             # dead group's keys (gloo/nccl addresses of every process group). Unprefixed, the new ranks read those and
             # connect to dead ports: "connectFullMesh failed ... Connection refused", or a hang. One prefix per
