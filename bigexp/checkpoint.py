@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bigexp.atomic import fsync_dir, write_text_atomic
 from bigexp.distributed import DistContext
 
 MANIFEST = "manifest.json"
@@ -37,28 +38,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def model_signature(model: torch.nn.Module) -> dict:
@@ -146,7 +125,7 @@ class CheckpointManager:
                     files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "sha256": _sha256(f)}
             manifest = {"global_step": global_step, "world_size": self.ctx.world_size,
                         "model": signature, "files": files}
-            atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+            write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
             if final.exists():  # the same step saved again after a resume: replace it whole
                 old = self.root / f".old-{tag}"
                 shutil.rmtree(old, ignore_errors=True)
@@ -155,7 +134,7 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             for stale in self.list()[self.keep:]:
                 shutil.rmtree(stale, ignore_errors=True)
         self.ctx.barrier()

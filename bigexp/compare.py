@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from bigexp.atomic import atomic_open
 from bigexp.config.schema import Config
 from bigexp.tb import TBLogger
 
@@ -239,20 +240,8 @@ def snapshot(model: torch.nn.Module, x: torch.Tensor, step: int, invariant: set)
 
 
 def _save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 class ProbeRecorder:

@@ -9,11 +9,11 @@ fsync, os.replace), so a plot being rewritten at the end of a run never leaves a
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
+
+from bigexp.atomic import atomic_open
 
 # What is plotted, in order: (file stem, title, y label, tag regex, log y). The regex's first group (if any) is
 # the param group, so several groups of one run get one line each.
@@ -52,20 +52,8 @@ def _pyplot():
 def save_figure_atomic(fig, path: Path) -> Path:
     """savefig to a temp file beside `path`, fsync, then os.replace: readers see the old or the new PNG."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
     return path
 
 

@@ -12,14 +12,14 @@ train img/s, steps, the largest weight norm of the scale-invariant groups. Diffe
 from __future__ import annotations
 
 import math
-import os
 import re
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
+
+from bigexp.atomic import write_text_atomic
 
 DASH = "—"
 GAP_RUN = "gap"
@@ -242,23 +242,6 @@ class ReportResult:
     baseline: Optional[ArmSummary]
     gap: dict = field(default_factory=dict)
     text: str = ""
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def build_report(logdir: Path | str, *, plots: bool = True) -> ReportResult:

@@ -19,12 +19,12 @@ import dataclasses
 import os
 import re
 import sys
-import tempfile
 import typing
 from typing import Any, Mapping, Sequence
 
 import yaml
 
+from bigexp.atomic import atomic_open
 from bigexp.config.schema import Config
 from bigexp.config.validate import (DEFAULT_SOURCE, SECTIONS, ConfigError, build_config, lookup_source,
                                     section_types, source_of, validate)
@@ -296,27 +296,8 @@ def save_resolved(cfg: Config, path: str | os.PathLike) -> None:
     header = "# Resolved bigexp config (bases and overrides applied).\n"
     if srcs:
         header += "# Sources: " + ", ".join(srcs) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(header + to_yaml(cfg))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    with atomic_open(path, "w") as fh:
+        fh.write(header + to_yaml(cfg))
 
 
 # ----------------------------------------------------------------------------- argparse helpers

@@ -18,6 +18,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from bigexp.atomic import atomic_open, fsync_dir
+
 # Extensions torchvision's ImageFolder accepts; ImageNet itself is all .JPEG.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
@@ -66,30 +68,17 @@ def temp_path_for(final: Path) -> Path:
 
 
 def fsync_and_replace(tmp: Path, final: Path) -> None:
+    """Make a file another writer produced at `tmp` durable, then rename it into place."""
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, final)
-    try:  # make the rename itself durable
-        dfd = os.open(str(Path(final).parent), os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    fsync_dir(Path(final).parent)
 
 
 def write_json_atomic(obj, final: Path) -> None:
-    final = Path(final)
-    tmp = temp_path_for(final)
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=1, sort_keys=False)
-            fh.write("\n")
-        fsync_and_replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_open(final, "w") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=False)
+        fh.write("\n")
 
 
 def classes_path_for(beton: Path) -> Path:
