@@ -1,7 +1,7 @@
 """The two training arms the step benchmarks compare, built from bigexp's own code.
 
 bigexp: Config -> build_model -> build_optimizer (ExpSGD on the invariant + plain groups) -> build_schedule ->
-        build_engine (DeepSpeed) and, per step, `bigexp.train.train_micro_step`: the very function the training
+        build_engine (DeepSpeed) and, per step, `bigexp.run.step.train_micro_step`: the very function the training
         loop calls (move, forward, loss, agreement all-reduce, backward, DeepSpeed step).
 plain:  the same model object's deep copy (same init), torch.optim.SGD(foreach=True, momentum, weight_decay)
         over model.parameters(), and the loop a PyTorch user writes: zero_grad, forward (bf16 via autocast),
@@ -56,11 +56,11 @@ def fixed_batch(cfg, batch: int, res: int, device, seed: int = 0):
 
 def build_pair(cfg, ctx, *, res: int, batch: int, seed: int = 0, with_plain: bool = True):
     """(bigexp Arm, plain Arm or None) for one config; both start from the same weights."""
-    from bigexp.engine import build_engine
+    from bigexp.run.engine import build_engine
     from bigexp.models import build_model
     from bigexp.optim.build import build_optimizer
     from bigexp.optim.schedules import ParamGroupScheduler, build_schedule
-    from bigexp.train import train_micro_step
+    from bigexp.run.step import train_micro_step
 
     torch.manual_seed(seed)
     model = build_model(cfg.model)

@@ -1,5 +1,5 @@
 """One torchrun launch of bench/scaling.py: every rank runs bigexp's train step (DeepSpeed engine + ExpSGD,
-bigexp.train.train_micro_step) on a fixed per-rank batch; rank 0 writes the timing as JSON to argv[1].
+bigexp.run.step.train_micro_step) on a fixed per-rank batch; rank 0 writes the timing as JSON to argv[1].
 
     torchrun --nproc_per_node N bench/_scaling_worker.py OUT.json ARCH RES BATCH_PER_RANK WARMUP STEPS THREADS
 """
@@ -23,7 +23,7 @@ def main() -> int:
     out, arch, res, batch, warmup, steps, threads = sys.argv[1:8]
     res, batch, warmup, steps, threads = int(res), int(batch), int(warmup), int(steps), int(threads)
     torch.set_num_threads(threads)
-    from bigexp.distributed import exit_process, init_distributed, shutdown_distributed
+    from bigexp.run.distributed import exit_process, init_distributed, shutdown_distributed
 
     ctx = init_distributed("cpu")
     cfg = A.make_config(arch, res, batch, "fp32", world_size=ctx.world_size, device="cpu")

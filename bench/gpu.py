@@ -1,7 +1,7 @@
 """The python part of bench/gpu.sh: one GPU, a few minutes.
 
   1. ResNet-50, bf16, channels-last, 224 px: bigexp's train step (DeepSpeed bf16 engine + ExpSGD through
-     bigexp.train.train_micro_step) vs a plain PyTorch loop (torch SGD foreach, autocast bf16), same init and
+     bigexp.run.step.train_micro_step) vs a plain PyTorch loop (torch SGD foreach, autocast bf16), same init and
      fixed batch; measurements of --steps steps alternate A/B after warm-up; images/s medians, ratio, and the
      peak GPU memory while each arm steps.
   2. bigexp's FFCV train loader (random-resized-crop 224 + flip, normalised on the GPU, bf16 out) on the
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     if args.cpu_smoke:
         report["notes"].append("--cpu-smoke: tiny sizes on the CPU; these figures say nothing about a GPU")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    from bigexp.distributed import init_distributed, shutdown_distributed
+    from bigexp.run.distributed import init_distributed, shutdown_distributed
 
     ctx = init_distributed(dev.type)
     if "step" not in skip:

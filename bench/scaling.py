@@ -1,7 +1,7 @@
 """Data-parallel scaling of bigexp's train step: 1 vs 2 ranks on gloo (torchrun), fmnist_resnet by default.
 
 Weak scaling: a fixed batch per rank (global batch = batch x ranks), bigexp's real step (DeepSpeed engine +
-ExpSGD through bigexp.train.train_micro_step, gradient all-reduce over gloo), fp32, `--threads` torch threads
+ExpSGD through bigexp.run.step.train_micro_step, gradient all-reduce over gloo), fp32, `--threads` torch threads
 per rank (default 1, so 2 ranks use the 2 cores one rank each). Each launch times `--steps` steps after
 `--warmup` (per-step median, ranks barrier-aligned); launches alternate 1, 2, 2, 1, ... for `--rounds` rounds.
 efficiency = images/s(2 ranks) / (2 x images/s(1 rank)), from the medians over rounds.

@@ -1,4 +1,4 @@
-"""bigexp's train step (DeepSpeed engine + ExpSGD, via bigexp.train.train_micro_step) vs a plain PyTorch loop
+"""bigexp's train step (DeepSpeed engine + ExpSGD, via bigexp.run.step.train_micro_step) vs a plain PyTorch loop
 (torch SGD, same model and init, same batch; bf16 via autocast), images/s, fp32 and bf16.
 
 Cases (default): resnet18 at 224 px (ImageNet shape) and fmnist_resnet at 32 px (the Fashion-MNIST model).
@@ -59,7 +59,7 @@ def parse_cases(text: str, steps_override):
 def main(argv=None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    from bigexp.distributed import init_distributed, shutdown_distributed
+    from bigexp.run.distributed import init_distributed, shutdown_distributed
 
     ctx = init_distributed(args.device)
     report = C.base_report("train", args)

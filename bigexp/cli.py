@@ -10,11 +10,11 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("bigexp.train", "train one arm from a YAML config (under torchrun, srun or alone)"),
+    "train": ("bigexp.run.loop", "train one arm from a YAML config (under torchrun, srun or alone)"),
     "data": ("bigexp.data.cli", "write FFCV .beton files (ImageFolder / Fashion-MNIST)"),
-    "compare": ("bigexp.compare", "run the step-decay baseline and its exp-LR twin side by side"),
-    "report": ("bigexp.report", "markdown table and PNG plots from a TensorBoard logdir"),
-    "verify": ("bigexp.verify", "1-minute float64 self-check of the equivalence for a config"),
+    "compare": ("bigexp.analysis.compare", "run the step-decay baseline and its exp-LR twin side by side"),
+    "report": ("bigexp.analysis.report", "markdown table and PNG plots from a TensorBoard logdir"),
+    "verify": ("bigexp.analysis.verify", "1-minute float64 self-check of the equivalence for a config"),
     "config": ("bigexp.config.show", "print a config fully resolved (bases and overrides applied)"),
 }
 

@@ -1,10 +1,10 @@
-"""bigexp.gap on hand-made tensors whose answers are known in closed form."""
+"""bigexp.analysis.gap on hand-made tensors whose answers are known in closed form."""
 import math
 
 import pytest
 import torch
 
-from bigexp import gap
+from bigexp.analysis import gap
 
 
 def test_identical_logits_have_zero_gap():

@@ -1,11 +1,11 @@
-"""bigexp.plots: PNGs from real event files (TBLogger), log axes with zeros, atomic writes."""
+"""bigexp.analysis.plots: PNGs from real event files (TBLogger), log axes with zeros, atomic writes."""
 import pytest
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _run(d, arm_lr_growth=1.0, steps=20):
-    from bigexp.tb import TBLogger
+    from bigexp.run.metrics import TBLogger
 
     t = TBLogger(d)
     for s in range(1, steps + 1):
@@ -17,7 +17,7 @@ def _run(d, arm_lr_growth=1.0, steps=20):
 
 
 def test_plot_run_writes_each_curve(tmp_path):
-    from bigexp.plots import plot_run
+    from bigexp.analysis.plots import plot_run
 
     _run(tmp_path / "r")
     paths = plot_run(tmp_path / "r")
@@ -31,7 +31,7 @@ def test_plot_run_writes_each_curve(tmp_path):
 
 
 def test_plot_run_on_empty_dir(tmp_path):
-    from bigexp.plots import plot_run
+    from bigexp.analysis.plots import plot_run
 
     assert plot_run(tmp_path) == []
     assert not (tmp_path / "plots").exists()
@@ -40,8 +40,8 @@ def test_plot_run_on_empty_dir(tmp_path):
 def test_plot_compare_lines_and_gap_with_zeros(tmp_path):
     import matplotlib
 
-    from bigexp.plots import plot_compare, plot_curves
-    from bigexp.report import load_scalars
+    from bigexp.analysis.plots import plot_compare, plot_curves
+    from bigexp.analysis.report import load_scalars
 
     _run(tmp_path / "sgd")
     _run(tmp_path / "expsgd", arm_lr_growth=1.3)
@@ -57,8 +57,8 @@ def test_plot_compare_lines_and_gap_with_zeros(tmp_path):
 
 
 def test_lines_are_labelled_per_run_and_group(tmp_path, monkeypatch):
-    import bigexp.plots as plots
-    from bigexp.report import load_scalars
+    import bigexp.analysis.plots as plots
+    from bigexp.analysis.report import load_scalars
 
     _run(tmp_path / "sgd")
     _run(tmp_path / "expsgd", arm_lr_growth=1.3)

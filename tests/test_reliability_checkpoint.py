@@ -65,7 +65,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def story(tmp_path_factory, data):
-    from bigexp.checkpoint import verify_checkpoint
+    from bigexp.run.checkpoint import verify_checkpoint
 
     out = tmp_path_factory.mktemp("ck")
     root = out / "ck" / "checkpoints"
@@ -154,8 +154,8 @@ def test_checkpoint_of_another_model_is_refused_and_nothing_changes(story):
 def test_find_resumable_skips_every_kind_of_damage(story, tmp_path):
     """Cheap, in-process: bit-flipped (same size), manifest missing, manifest unreadable -> warned and skipped,
     newest intact one chosen."""
-    from bigexp.checkpoint import CheckpointManager
-    from bigexp.distributed import DistContext
+    from bigexp.run.checkpoint import CheckpointManager
+    from bigexp.run.distributed import DistContext
 
     root = tmp_path / "checkpoints"
     shutil.copytree(story["root"] / "step000000002", root / "step000000002")

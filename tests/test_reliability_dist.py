@@ -190,7 +190,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, data):
-    from bigexp.checkpoint import verify_checkpoint
+    from bigexp.run.checkpoint import verify_checkpoint
 
     rng = random.Random(SEED)
     print(f"BIGEXP_REL_SEED={SEED}")

@@ -76,13 +76,13 @@ def bad_override(draw):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(bad=bad_override(), via_file=st.booleans())
 def test_fuzzed_bad_configs_exit_2_naming_the_key_and_write_nothing(bad, via_file, tmp_path, monkeypatch, capsys):
-    import bigexp.train
+    import bigexp.run.loop
     from bigexp.cli import main
 
     def tripwire(cfg, **kw):
         raise AssertionError(f"bad config accepted: {bad[0]}")
 
-    monkeypatch.setattr(bigexp.train, "train", tripwire)
+    monkeypatch.setattr(bigexp.run.loop, "train", tripwire)
     override, name = bad
     out = tmp_path / f"runs{abs(hash(bad)) % 10**9}"
     args = ["train", "--config", BASE, f"run.out_dir={out}"]

@@ -1,5 +1,5 @@
 """bigexp report: the table and plots from the event files of a real 2-arm compare (shared with test_compare.py),
-checked against values read independently (raw Event protos, not bigexp.report's EventAccumulator path)."""
+checked against values read independently (raw Event protos, not bigexp.analysis.report's EventAccumulator path)."""
 import statistics
 from pathlib import Path
 
@@ -47,7 +47,7 @@ def _expected(run_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_report_table_matches_event_files(logdir):
-    from bigexp.report import build_report
+    from bigexp.analysis.report import build_report
 
     res = build_report(logdir)
     assert [s.name for s in res.summaries] == ["sgd", "expsgd"]  # baseline first
@@ -75,7 +75,7 @@ def test_report_table_matches_event_files(logdir):
 
 @pytest.mark.slow
 def test_report_plots_are_pngs(logdir):
-    from bigexp.report import build_report
+    from bigexp.analysis.report import build_report
 
     res = build_report(logdir)
     names = {p.name for p in res.plots}
@@ -91,7 +91,7 @@ def test_report_plots_are_pngs(logdir):
 def test_unfinished_run_shows_dashes(tmp_path, capsys):
     """A run that has logged training scalars but no validation yet: its top-1 cells are '—'."""
     from bigexp.cli import main
-    from bigexp.tb import TBLogger
+    from bigexp.run.metrics import TBLogger
 
     for arm, with_val in (("sgd", True), ("expsgd", False)):
         t = TBLogger(tmp_path / arm)
@@ -115,7 +115,7 @@ def test_unfinished_run_shows_dashes(tmp_path, capsys):
 
 def test_single_run_dir_and_errors(tmp_path, capsys):
     from bigexp.cli import main
-    from bigexp.tb import TBLogger
+    from bigexp.run.metrics import TBLogger
 
     t = TBLogger(tmp_path / "one")
     t.scalars(1, {"train/loss": 1.0})
@@ -133,8 +133,8 @@ def test_resumed_run_keeps_the_later_value(tmp_path):
     """A resumed run logs the steps after its last checkpoint twice; the later write wins."""
     import time
 
-    from bigexp.report import load_scalars
-    from bigexp.tb import TBLogger
+    from bigexp.analysis.report import load_scalars
+    from bigexp.run.metrics import TBLogger
 
     t = TBLogger(tmp_path)
     for s in (1, 2, 3):

@@ -68,7 +68,7 @@ def train_cmd(out_dir: Path, data: Path, *extra: str) -> list[str]:
 
 
 def final_params(run_dir: Path) -> dict:
-    from bigexp.checkpoint import CheckpointManager
+    from bigexp.run.checkpoint import CheckpointManager
 
     newest = sorted((run_dir / "checkpoints").glob("step*"))[-1]
     state = torch.load(newest / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)

@@ -18,7 +18,7 @@ def _cfg(extra=()):
 
 
 def test_invariant_net_passes():
-    from bigexp.verify import TOLERANCE, verify
+    from bigexp.analysis.verify import TOLERANCE, verify
 
     res = verify(_cfg(), log=lambda s: None)
     assert res.passed
@@ -36,7 +36,7 @@ def test_noninvariant_net_fails_loudly(capsys):
                  "--network", "noninvariant"]) == 1
     err = capsys.readouterr().err
     assert "FAIL" in err and "NOT equivalent" in err
-    from bigexp.verify import verify
+    from bigexp.analysis.verify import verify
 
     res = verify(_cfg(), network="noninvariant", log=lambda s: None)
     assert not res.passed and res.max_gap > 1e-4 and res.first_failure is not None and res.first_failure <= 10
@@ -60,7 +60,7 @@ def test_bad_config_exits_2(capsys):
 
 
 def test_compressed_steps():
-    from bigexp.verify import MAX_STEPS, compressed_steps
+    from bigexp.analysis.verify import MAX_STEPS, compressed_steps
 
     assert compressed_steps(3) == (20, 60)
     assert compressed_steps(90) == (20, 1800)
@@ -71,7 +71,7 @@ def test_compressed_steps():
 
 def test_judge_chaos_reference_rule():
     """History rows: (step, direction, plain, output, reference divergence)."""
-    from bigexp.verify import judge
+    from bigexp.analysis.verify import judge
 
     kw = dict(total=100, spe=20, invariant=["conv"], renorms=0, seconds=0.0)
     # Below the tolerance: pass.

@@ -67,7 +67,8 @@ class DataConfig:
     write_mode: str = f("proportion", "FFCV image write mode: raw | jpg | proportion | smart.",
                         choices=["raw", "jpg", "proportion", "smart"])
     skip_corrupt: bool = f(False, "Skip unreadable images when writing, reporting how many.")
-    channels_last: bool = f(True, "Batches in channels-last memory format.")
+    channels_last: Optional[bool] = f(None, "Batches in channels-last memory format; null = the same as "
+                                            "model.channels_last.")
 
 
 @dataclass
@@ -80,7 +81,9 @@ class ModelConfig:
     freeze_classifier: bool = f(False, "Keep the classifier at its random init (the paper's option).")
     norm_affine: str = f("train", "Norm-layer gamma/beta: train | freeze | off.", choices=["train", "freeze", "off"])
     bn_eps: float = f(1e-5, "BatchNorm eps. Non-zero eps is what breaks exact scale invariance.", gt=0)
-    channels_last: bool = f(True, "Model in channels-last memory format.")
+    channels_last: Optional[bool] = f(None, "Model in channels-last memory format; null = true on CUDA, false on "
+                                            "CPU (there it is slower and hits oneDNN #6035, see "
+                                            "bigexp/memory_format.py).")
 
 
 @dataclass

@@ -18,20 +18,9 @@ import typing
 from typing import Any, Mapping, Optional
 
 from bigexp.config.schema import Config
+from bigexp.errors import ConfigError  # noqa: F401  (re-exported: raised here, caught by the CLI)
 
 DEFAULT_SOURCE = "default"
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used. `str(err)` is the one message to show the user."""
-
-    def __init__(self, errors: list[str] | str):
-        self.errors = [errors] if isinstance(errors, str) else list(errors)
-        if len(self.errors) == 1:
-            msg = self.errors[0]
-        else:
-            msg = f"{len(self.errors)} config errors:\n" + "\n".join(f"  - {e}" for e in self.errors)
-        super().__init__(msg)
 
 
 # ----------------------------------------------------------------------------- the math (pure)

@@ -265,7 +265,7 @@ class TrainLoader(_FFCVBatches):
         mean, std = _stats(cfg)
         super().__init__(cfg.train_beton, decoder=decoder, batch_size=batch_size,
                          num_workers=cfg.num_workers, os_cache=cfg.os_cache, dtype=dtype, device=device,
-                         mean=mean, std=std, channels_last=cfg.channels_last, batches_ahead=batches_ahead,
+                         mean=mean, std=std, channels_last=bool(cfg.channels_last), batches_ahead=batches_ahead,
                          order=order, seed=seed)
         if len(self) == 0:
             raise DataError(f"{cfg.train_beton}: {self.num_samples} samples cannot fill one batch of "
@@ -326,7 +326,7 @@ class ValLoader(_FFCVBatches):
         mean, std = _stats(cfg)
         super().__init__(cfg.val_beton, decoder=decoder, batch_size=batch_size,
                          num_workers=cfg.num_workers, os_cache=cfg.os_cache, dtype=dtype, device=device,
-                         mean=mean, std=std, channels_last=cfg.channels_last, batches_ahead=batches_ahead,
+                         mean=mean, std=std, channels_last=bool(cfg.channels_last), batches_ahead=batches_ahead,
                          seed=seed)
 
     def set_epoch(self, epoch: int) -> None:

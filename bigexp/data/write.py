@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from bigexp.errors import DataError  # noqa: F401  (re-exported)
 from bigexp.atomic import atomic_open, fsync_dir
 
 # Extensions torchvision's ImageFolder accepts; ImageNet itself is all .JPEG.
@@ -41,8 +42,6 @@ def import_ffcv() -> None:
         torch.set_num_threads(threads)
 
 
-class DataError(ValueError):
-    """Bad input data (missing directory, empty class, corrupt image, wrong .beton); names the path."""
 
 
 @dataclass

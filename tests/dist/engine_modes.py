@@ -12,8 +12,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from bigexp.config import load_config
-from bigexp.distributed import init_distributed, shutdown_distributed
-from bigexp.engine import build_engine
+from bigexp.run.distributed import init_distributed, shutdown_distributed
+from bigexp.run.engine import build_engine
 from bigexp.models import build_model
 from bigexp.optim.build import build_optimizer
 from bigexp.optim.schedules import ParamGroupScheduler, build_schedule

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from bigexp.config.schema import Config
-from bigexp.distributed import DistContext
+from bigexp.run.distributed import DistContext
 
 
 def deepspeed_config(cfg: Config, *, world_size: int) -> dict:

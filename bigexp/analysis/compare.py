@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from bigexp.atomic import atomic_open
 from bigexp.config.schema import Config
-from bigexp.tb import TBLogger
+from bigexp.run.metrics import TBLogger
 
 LAYOUT_FILE = "events.out.tfevents.0000000000.bigexp-layout"
 GAP_FILE = "events.out.tfevents.0000000000.bigexp-gap"
@@ -279,7 +279,7 @@ def probe_steps(run_dir: Path) -> dict:
 def gap_between(a: dict, b: dict) -> dict:
     """Gap scalars between two snapshots (a = baseline): batch-statistics logits, eval logits, invariant layers'
     cosines/direction gaps and the largest relative difference of the non-invariant parameters."""
-    from bigexp import gap as G
+    from bigexp.analysis import gap as G
 
     inv = set(a.get("invariant", [])) & set(b.get("invariant", []))
     wa = {n: w for n, w in a["weights"].items() if n in inv}
@@ -331,7 +331,7 @@ class CompareResult:
     results: dict = field(default_factory=dict)   # arm -> TrainResult (sgd/expsgd trained in this call), or val dict
     gap: list = field(default_factory=list)       # [{"step", "gap/..."}]
     layout_path: Optional[Path] = None
-    report: object = None                # bigexp.report.ReportResult
+    report: object = None                # bigexp.analysis.report.ReportResult
 
 
 def _arms(cfg: Config) -> list:
@@ -366,7 +366,7 @@ def _finish(cfg: Config, logdir: Path, arms: list, result: CompareResult, *, wri
         result.gap = compute_gap(logdir / base, logdir / twin)
         write_gap_run(logdir, result.gap)
     if report:
-        from bigexp.report import build_report
+        from bigexp.analysis.report import build_report
 
         try:
             result.report = build_report(logdir)
@@ -378,7 +378,7 @@ def compare(cfg: Config, *, arm: Optional[str] = None, layout_only: bool = False
             report: bool = True) -> CompareResult:
     """Run the arms of cfg.compare.arms one after the other (or only `arm`), same seed and data order, into one
     logdir; then the gap run, the custom-scalars layout and the report. layout_only: no training."""
-    from bigexp.train import train
+    from bigexp.run.loop import train
 
     arms = _arms(cfg)
     if arm is not None and arm not in arms:
@@ -390,7 +390,7 @@ def compare(cfg: Config, *, arm: Optional[str] = None, layout_only: bool = False
         return result
 
     if ctx is None:
-        from bigexp.distributed import init_distributed
+        from bigexp.run.distributed import init_distributed
         ctx = init_distributed(cfg.run.device)
     to_run = [arm] if arm is not None else arms
     x = probe_batch(cfg) if ctx.is_main else None
@@ -412,7 +412,7 @@ def compare(cfg: Config, *, arm: Optional[str] = None, layout_only: bool = False
 # ---------------------------------------------------------------------------------------------- lockstep
 @torch.no_grad()
 def _evaluate(model, loader, dtype, fmt=torch.contiguous_format) -> dict:
-    from bigexp.train import accuracy_counts
+    from bigexp.run.step import accuracy_counts
 
     was = model.training
     model.eval()
@@ -548,13 +548,13 @@ def lockstep(cfg: Config, *, float64: bool = False, report: bool = True, progres
         s["logger"].close()
         result.results[a] = s["val"]
         if cfg.log.plots:
-            from bigexp.plots import plot_run
+            from bigexp.analysis.plots import plot_run
             plot_run(logdir / a)
     if gap_logger is not None:
         gap_logger.close()
     result.layout_path = write_layout(logdir, cfg.run.name)
     if report:
-        from bigexp.report import build_report
+        from bigexp.analysis.report import build_report
         result.report = build_report(logdir)
     return result
 
@@ -594,7 +594,7 @@ def print_summary(result: CompareResult) -> None:
 
 def run(args) -> int:
     from bigexp.config import config_from_args_or_exit
-    from bigexp.distributed import shutdown_distributed
+    from bigexp.run.distributed import shutdown_distributed
 
     cfg = config_from_args_or_exit(args, world_size=int(os.environ.get("WORLD_SIZE",
                                                                       os.environ.get("SLURM_NTASKS", 1))))
@@ -614,8 +614,8 @@ def run(args) -> int:
             return 2
         print_summary(result)
         return 0
-    from bigexp.distributed import exit_process
-    from bigexp.train import NonFiniteLossError
+    from bigexp.run.distributed import exit_process
+    from bigexp.run.loop import NonFiniteLossError
 
     code = 0
     try:
@@ -629,11 +629,11 @@ def run(args) -> int:
         print(f"bigexp compare: {e}", file=sys.stderr)
         code = 3
     except RuntimeError as e:
-        # A checkpoint that does not fit (bigexp.checkpoint.CheckpointError) is bad input, like a bad config.
+        # A checkpoint that does not fit (bigexp.run.checkpoint.CheckpointError) is bad input, like a bad config.
         if type(e).__name__ != "CheckpointError":
             raise
         print(f"bigexp compare: {e}", file=sys.stderr)
         code = 2
     shutdown_distributed()
-    exit_process(code)  # past C++ destructors: see bigexp.distributed.exit_process (gloo abort at exit)
+    exit_process(code)  # past C++ destructors: see bigexp.run.distributed.exit_process (gloo abort at exit)
     return code

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,10 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from bigexp.config.schema import Config
+from bigexp.errors import ConfigError, NonFiniteLossError
+from bigexp.memory_format import check_cpu_channels_last, resolve_memory_format
+from bigexp.run.signals import PreemptionFlag
+from bigexp.run.step import evaluate, grad_norm, sync_batchnorm_stats, train_micro_step
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 # Test-only fault injection (tests/test_reliability*.py), read once; unset in real runs.
@@ -56,9 +57,9 @@ def run(args) -> int:
     cfg = config_from_args_or_exit(args, world_size=int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1))))
     if args.resume is not None:
         cfg.run.resume = args.resume
-    from bigexp.checkpoint import CheckpointError
+    from bigexp.run.checkpoint import CheckpointError
     from bigexp.data.write import DataError
-    from bigexp.distributed import exit_process, shutdown_distributed
+    from bigexp.run.distributed import exit_process, shutdown_distributed
 
     try:
         train(cfg)
@@ -66,7 +67,7 @@ def run(args) -> int:
         print(f"bigexp train: {e}", file=sys.stderr)
         shutdown_distributed()
         exit_process(3)
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, ConfigError) as e:
         # Bad input (a data file, a checkpoint): one line naming it, status 2 like a config error. No barrier on
         # the way out: the other ranks may not have hit the same error and would never join one.
         rank = os.environ.get("RANK", "0")
@@ -77,103 +78,6 @@ def run(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-class PreemptionFlag:
-    """SIGUSR1/SIGTERM -> finish the current step, checkpoint, exit (SLURM's sbatch script requeues the job)."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (e.g. called from a test thread)
-                pass
-
-    def _handler(self, signum, frame) -> None:
-        self.requested = True
-
-    def restore(self) -> None:
-        for sig, h in self._old.items():
-            signal.signal(sig, h)
-
-
-def accuracy_counts(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[int]:
-    k_max = min(max(ks), logits.shape[1])
-    top = logits.topk(k_max, dim=1).indices
-    hit = top.eq(target.view(-1, 1))
-    return [int(hit[:, :min(k, k_max)].any(dim=1).sum()) for k in ks]
-
-
-@torch.no_grad()
-def sync_batchnorm_stats(model: torch.nn.Module, ctx) -> None:
-    """Average BN running statistics over ranks so every rank evaluates (and checkpoints) the same model."""
-    if ctx.world_size == 1:
-        return
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            for buf in (m.running_mean, m.running_var):
-                if buf is not None:
-                    ctx.all_reduce_sum(buf)
-                    buf.div_(ctx.world_size)
-
-
-@torch.no_grad()
-def evaluate(engine, loader, ctx, dtype) -> dict:
-    """Val loss, top-1 and top-5 (percent) over the whole val set, summed across ranks."""
-    model = engine.ds.module
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss_sum, top1, top5, count
-    for x, y in loader:
-        x = x.to(ctx.device, dtype=dtype, non_blocking=True)
-        y = y.to(ctx.device, non_blocking=True)
-        logits = engine.ds(x).float()
-        sums[0] += float(F.cross_entropy(logits, y, reduction="sum"))
-        t1, t5 = accuracy_counts(logits, y)
-        sums[1] += t1
-        sums[2] += t5
-        sums[3] += y.numel()
-    ctx.all_reduce_sum(sums)
-    model.train(was_training)
-    n = max(float(sums[3]), 1.0)
-    return {"val/loss": float(sums[0]) / n, "val/top1": 100.0 * float(sums[1]) / n,
-            "val/top5": 100.0 * float(sums[2]) / n}
-
-
-def train_micro_step(engine, x: torch.Tensor, y: torch.Tensor, ctx, *, label_smoothing: float = 0.0,
-                     stop_requested: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One micro-batch of the training loop (shared with bench/): inputs to the device in the engine's dtype,
-    forward, loss, the per-micro-batch agreement all-reduce, then backward and the DeepSpeed step.
-
-    Returns (loss, flags); flags[0] = ranks whose loss was non-finite, flags[1] = ranks asking to stop. When
-    flags[0] > 0 nothing is applied (the caller raises), except under fp16, where DeepSpeed itself skips the
-    update and lowers the loss scale.
-    """
-    x = x.to(ctx.device, dtype=engine.dtype, non_blocking=True)
-    y = y.to(ctx.device, non_blocking=True)
-    logits = engine.ds(x)
-    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-    # One small all-reduce per micro-batch: every rank must agree to stop (NaN) or checkpoint (preempt).
-    flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, 1.0 if stop_requested else 0.0])
-    ctx.all_reduce_sum(flags)
-    if flags[0] > 0 and engine.dtype != torch.float16:
-        return loss, flags
-    engine.ds.backward(loss)
-    engine.ds.step()
-    return loss, flags
-
-
-def _grad_norm(engine) -> float | None:
-    try:
-        g = engine.ds.get_global_grad_norm()
-    except Exception:
-        return None
-    if g is None:
-        return None
-    return float(g)
-
 
 def _set_threads(cfg: Config, ctx) -> int:
     n = cfg.run.threads or max(1, (os.cpu_count() or 1) // max(1, ctx.local_world_size))
@@ -185,20 +89,21 @@ def _set_threads(cfg: Config, ctx) -> int:
 def train(cfg: Config, *, ctx=None, logger=None, step_hook=None) -> TrainResult:
     """Train one arm. `step_hook(global_step, engine)` runs after every optimizer step (compare/probes, tests),
     and once with global_step 0 before the first step of a fresh (not resumed) run: the initial state."""
-    from bigexp.checkpoint import CheckpointManager, model_signature
+    from bigexp.run.checkpoint import CheckpointManager, model_signature
     from bigexp.config import save_resolved, to_dict, validate
     from bigexp.data.loaders import build_train_loader, build_val_loader
     from bigexp.data.write import ensure_betons
-    from bigexp.distributed import init_distributed
-    from bigexp.engine import build_engine
+    from bigexp.run.distributed import init_distributed
+    from bigexp.run.engine import build_engine
     from bigexp.models import build_model
     from bigexp.optim.build import build_optimizer, group_stats
     from bigexp.optim.schedules import ParamGroupScheduler, build_schedule
-    from bigexp.tb import TBLogger
+    from bigexp.run.metrics import TBLogger
 
     # --- setup: ranks, threads, seeds (the run directory is written only once data and checkpoint have loaded)
     ctx = ctx or init_distributed(cfg.run.device)
     validate(cfg, world_size=ctx.world_size)
+    resolve_memory_format(cfg, ctx.device)  # null channels-last keys -> the device's default, saved resolved
     threads = _set_threads(cfg, ctx)
     torch.manual_seed(cfg.run.seed)
     if cfg.run.deterministic:
@@ -226,6 +131,7 @@ def train(cfg: Config, *, ctx=None, logger=None, step_hook=None) -> TrainResult:
 
     # --- model and optimizer: invariant groups found from the graph and checked numerically
     model = build_model(cfg.model)
+    check_cpu_channels_last(model, ctx.device, cfg.model.channels_last or cfg.data.channels_last)
     check_res = min(cfg.data.val_res, 64)
     example = torch.randn(4, 3, check_res, check_res)
     if cfg.model.channels_last:
@@ -321,7 +227,7 @@ def train(cfg: Config, *, ctx=None, logger=None, step_hook=None) -> TrainResult:
                 ctx.all_reduce_sum(mean_loss)
                 dt = time.perf_counter() - t_log
                 scalars = {"train/loss": float(mean_loss[0] / mean_loss[1]), "train/img_per_s": imgs_log / dt,
-                           "train/step_time_s": time.perf_counter() - t0, "train/grad_norm": _grad_norm(engine),
+                           "train/step_time_s": time.perf_counter() - t0, "train/grad_norm": grad_norm(engine),
                            "train/loss_scale": engine.loss_scale() if cfg.engine.precision == "fp16" else None,
                            "train/epoch": epoch + batch_in_epoch / max(1, len(train_loader)), **stats}
                 renorms = sum(v for k, v in stats.items() if k.endswith("/renorm_count"))
@@ -380,7 +286,7 @@ def train(cfg: Config, *, ctx=None, logger=None, step_hook=None) -> TrainResult:
         tb.close()
     if ctx.is_main and cfg.log.plots and not result.preempted:
         try:
-            from bigexp.plots import plot_run
+            from bigexp.analysis.plots import plot_run
             plot_run(run_dir)
         except ImportError:
             pass

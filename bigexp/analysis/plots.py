@@ -1,6 +1,6 @@
 """PNG plots of training curves (matplotlib, Agg backend: no display needed, safe on compute nodes).
 
-Input everywhere is the `Scalars` mapping that `bigexp.report.load_scalars` reads from TensorBoard event files:
+Input everywhere is the `Scalars` mapping that `bigexp.analysis.report.load_scalars` reads from TensorBoard event files:
 tag -> (steps, values), sorted by step. Every figure is written atomically (temp file in the same directory,
 fsync, os.replace), so a plot being rewritten at the end of a run never leaves a half-written PNG.
 
@@ -150,7 +150,7 @@ def plot_compare(runs: Mapping[str, Scalars], out_dir: Path, gap: Scalars | None
 def plot_run(run_dir: Path | str) -> list[Path]:
     """One run's curves from its event files -> <run_dir>/plots/*.png (train.py calls this at the end of a run
     when log.plots is true). Returns the written paths; [] when the run has no scalars yet."""
-    from bigexp.report import load_scalars
+    from bigexp.analysis.report import load_scalars
 
     run_dir = Path(run_dir)
     scalars = load_scalars(run_dir)

@@ -246,7 +246,7 @@ class ReportResult:
 
 def build_report(logdir: Path | str, *, plots: bool = True) -> ReportResult:
     """Read every run under `logdir`, write report.md (and plots/*.png), return what was found."""
-    from bigexp import plots as plotting
+    from bigexp.analysis import plots as plotting
 
     logdir = Path(logdir)
     runs = find_runs(logdir)

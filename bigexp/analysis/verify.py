@@ -128,9 +128,9 @@ def verify(cfg: Config, *, network: str = "invariant", seed: int | None = None, 
 
 
 def _verify(cfg: Config, *, network: str, seed: int | None, log) -> VerifyResult:
-    from bigexp.compare import probe_logits
+    from bigexp.analysis.compare import probe_logits
     from bigexp.config import arm_config
-    from bigexp.gap import direction_gap
+    from bigexp.analysis.gap import direction_gap
     from bigexp.optim.build import effective_lr
     from bigexp.optim.expsgd import ExpSGD
     from bigexp.optim.invariance import param_groups, running_stats_rescaler

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bigexp.errors import CheckpointError  # noqa: F401  (re-exported)
 from bigexp.atomic import fsync_dir, write_text_atomic
-from bigexp.distributed import DistContext
+from bigexp.run.distributed import DistContext
 
 MANIFEST = "manifest.json"
 # Test-only fault injection (tests/test_reliability_checkpoint.py): the save of this global step sleeps (an hour)
@@ -28,8 +29,6 @@ MANIFEST = "manifest.json"
 _TEST_SLEEP_IN_SAVE_AT_STEP = int(os.environ.get("BIGEXP_TEST_SLEEP_IN_SAVE_AT_STEP", "0"))
 
 
-class CheckpointError(RuntimeError):
-    pass
 
 
 def _sha256(path: Path) -> str:

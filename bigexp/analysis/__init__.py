@@ -1,0 +1,1 @@
+"""Comparing arms: the runner, lockstep, probes and gap, verify, reports and plots."""

@@ -1,0 +1,1 @@
+"""Running one arm: the loop, the DeepSpeed engine, checkpoints, process groups, metrics."""
