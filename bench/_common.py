@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
+from _launch import IMAGENET_SAMPLE, REPO  # noqa: F401  (IMAGENET_SAMPLE: the default source of data.py, gpu.py)
+
 # Before torch (libgomp) is loaded: OpenMP threads that spin while waiting turn a 2-thread step into a 10x
 # slower one as soon as the cores are oversubscribed (measured here: resnet18 step 0.06 s -> 7 s with other jobs
 # running). Passive waiting costs little on an idle machine and keeps a shared one measurable. Both arms of every
@@ -23,11 +25,8 @@ from typing import Callable, Dict, List
 OMP_POLICY_SET_HERE = "OMP_WAIT_POLICY" not in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
+if str(REPO) not in sys.path:  # bigexp from this checkout, installed or not
     sys.path.insert(0, str(REPO))
-SHARED = REPO.parent / "shared"
-IMAGENET_SAMPLE = SHARED / "data" / "imagenet-sample" / "val"
 OUT_DIR = REPO / "bench" / "out"   # gitignored: written data (betons) and scratch
 
 _JSON_FD: int | None = None
@@ -64,18 +63,11 @@ def log(*args) -> None:
     print("[bench]", *args, file=sys.stderr, flush=True)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict:
+    # imported here, as torch is everywhere in this module: after the OpenMP policy above is in the environment
     import torch
+
+    from bigexp.doctor.environment import cpu_model
 
     info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": None, "hostname": platform.node()}
@@ -152,13 +144,15 @@ def timer() -> Callable[[], float]:
 
 
 def base_report(bench: str, args) -> dict:
+    """The keys every benchmark's JSON starts with; `notes` already says when the machine was busy at start."""
+    note = shared_machine_note()
     return {"bench": bench, "args": {k: v for k, v in vars(args).items()}, "machine": machine(),
-            "versions": versions(), "notes": []}
+            "versions": versions(), "notes": [note] if note else []}
 
 
 def subset_tree(source: Path, n: int, out: Path) -> Path:
     """An ImageFolder of symlinks to the first n images of `source` (sorted), for small runs."""
-    from bigexp.data.write import scan_imagefolder
+    from bigexp.data.imagefolder import scan_imagefolder
 
     classes, samples = scan_imagefolder(source)
     root = out / f"subset_{source.name}_{n}"
@@ -173,11 +167,30 @@ def subset_tree(source: Path, n: int, out: Path) -> Path:
     return root
 
 
+def image_source(args) -> tuple[Path, Path, str]:
+    """(the ImageFolder to read: --source, or a tree of links to its first --images images; --out, created; a tag
+    naming both, for the .beton files written from it)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    source = subset_tree(Path(args.source), args.images, out) if args.images else Path(args.source)
+    return source, out, f"{Path(args.source).name}_{args.images or 'all'}"
+
+
 def ensure_beton(source: Path, path: Path, *, rewrite: bool, **write_kw) -> dict:
-    from bigexp.data.write import write_imagefolder
+    from bigexp.data.imagefolder import write_imagefolder
 
     if path.exists() and not rewrite:
         return {"path": str(path), "written": False, "bytes": path.stat().st_size}
     res = write_imagefolder(source, path, progress=False, **write_kw)
     return {"path": str(path), "written": True, "bytes": res.bytes, "write_s": res.seconds,
             "num_samples": res.num_samples}
+
+
+def ensure_default_beton(source: Path, out: Path, tag: str, *, rewrite: bool) -> dict:
+    """ensure_beton with the settings bigexp writes ImageNet with (DataConfig's defaults), named after them."""
+    from bigexp.config.schema import DataConfig
+
+    d = DataConfig()
+    return ensure_beton(source, out / f"{tag}_max{d.write_max_res}.beton", rewrite=rewrite, max_res=d.write_max_res,
+                        write_mode=d.write_mode, jpeg_quality=d.write_jpeg_quality,
+                        compress_probability=d.write_compress_probability)

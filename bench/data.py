@@ -63,9 +63,7 @@ def ffcv_arm(beton: Path, args):
         loader.set_epoch(state["epoch"])
         state["epoch"] += 1
         t = C.timer()
-        n = 0
-        for x, y in loader:
-            n += x.shape[0]
+        n = sum(x.shape[0] for x, _ in loader)
         dt = t()
         torch.set_num_threads(threads)
         return n / dt
@@ -85,9 +83,7 @@ def pil_arm(source: Path, args):
 
     def epoch() -> float:
         t = C.timer()
-        n = 0
-        for x, y in loader:
-            n += x.shape[0]
+        n = sum(x.shape[0] for x, _ in loader)
         return n / t()
     return epoch, len(loader) * args.batch_size
 
@@ -95,15 +91,7 @@ def pil_arm(source: Path, args):
 def main(argv=None) -> int:
     args = parse(argv)
     report = C.base_report("data", args)
-    note = C.shared_machine_note()
-    if note:
-        report["notes"].append(note)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    source = Path(args.source)
-    if args.images:
-        source = C.subset_tree(source, args.images, out)
-    tag = f"{Path(args.source).name}_{args.images or 'all'}"
+    source, out, tag = C.image_source(args)
     arms_wanted = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = set(arms_wanted) - {"pil", "ffcv_full", "ffcv_256"}
     if unknown:
@@ -115,12 +103,7 @@ def main(argv=None) -> int:
         betons["ffcv_full"] = C.ensure_beton(source, out / f"{tag}_full_jpg90.beton", rewrite=args.rewrite,
                                            max_res=1 << 14, write_mode="jpg", jpeg_quality=90)
     if "ffcv_256" in arms_wanted:
-        from bigexp.config.schema import DataConfig
-        d = DataConfig()
-        betons["ffcv_256"] = C.ensure_beton(source, out / f"{tag}_max{d.write_max_res}.beton", rewrite=args.rewrite,
-                                          max_res=d.write_max_res, write_mode=d.write_mode,
-                                          jpeg_quality=d.write_jpeg_quality,
-                                          compress_probability=d.write_compress_probability)
+        betons["ffcv_256"] = C.ensure_default_beton(source, out, tag, rewrite=args.rewrite)
     for name in arms_wanted:
         if name == "pil":
             arms[name], per_epoch[name] = pil_arm(source, args)

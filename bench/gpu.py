@@ -104,15 +104,8 @@ def loader_section(args, dev) -> dict:
     from bigexp.config.schema import DataConfig
     from bigexp.data.loaders import build_train_loader
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    source = Path(args.source)
-    if args.images:
-        source = C.subset_tree(source, args.images, out_dir)
-    d = DataConfig()
-    beton = C.ensure_beton(source, out_dir / f"{Path(args.source).name}_{args.images or 'all'}_max{d.write_max_res}.beton",
-                           rewrite=False, max_res=d.write_max_res, write_mode=d.write_mode,
-                           jpeg_quality=d.write_jpeg_quality, compress_probability=d.write_compress_probability)
+    source, out_dir, tag = C.image_source(args)
+    beton = C.ensure_default_beton(source, out_dir, tag, rewrite=False)
     cfg = DataConfig(dataset="imagenet", train_beton=beton["path"], val_beton=beton["path"], num_workers=args.workers,
                      min_res=224, max_res=224, val_res=224, random_crop=True)
     dtype = torch.bfloat16
@@ -125,9 +118,7 @@ def loader_section(args, dev) -> dict:
         loader.set_epoch(e)
         A.sync(dev)
         t = C.timer()
-        n = 0
-        for x, y in loader:
-            n += x.shape[0]
+        n = sum(x.shape[0] for x, _ in loader)
         A.sync(dev)
         dt = t()
         torch.set_num_threads(threads)

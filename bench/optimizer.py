@@ -25,6 +25,8 @@ C.take_stdout()
 
 import torch  # noqa: E402
 
+import _arms as A  # noqa: E402
+
 TARGET_RATIO = 1.05  # ExpSGD step time / SGD step time
 
 
@@ -42,14 +44,11 @@ def parse(argv=None):
 
 
 def build_arms(arch: str, device: torch.device):
-    from bigexp.config.schema import Config
     from bigexp.models import build_model, example_input
     from bigexp.optim.build import build_optimizer
 
-    cfg = Config()
-    cfg.model.arch = arch
-    cfg.model.num_classes = 1000 if arch in ("resnet50", "resnet18") else 10
-    cfg.model.channels_last = False  # the engine hands DeepSpeed contiguous weights; same here
+    # contiguous weights, as the engine hands DeepSpeed; batch 256 is the schema's default (res: a data key, unused)
+    cfg = A.make_config(arch, res=224, batch=256, precision="fp32", channels_last=False)
     torch.manual_seed(0)
     base = build_model(cfg.model)
     x = example_input(cfg.model)
@@ -66,11 +65,6 @@ def build_arms(arch: str, device: torch.device):
     return cfg, arms
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def interleaved_block(opts: dict, steps: int, device, first: int) -> dict:
     """`steps` steps of every optimizer, interleaved step by step (A B, B A, ... starting with arm number
     `first`), each step timed alone. Returns {arm: [seconds of each step]}. Interleaving single steps puts both
@@ -80,10 +74,10 @@ def interleaved_block(opts: dict, steps: int, device, first: int) -> dict:
     times = {n: [] for n in names}
     for i in range(steps):
         for n in (names if i % 2 == 0 else names[::-1]):
-            sync(device)
+            A.sync(device)
             t = C.timer()
             opts[n].step()
-            sync(device)
+            A.sync(device)
             times[n].append(t())
     return times
 
@@ -92,11 +86,11 @@ def interleaved_block(opts: dict, steps: int, device, first: int) -> dict:
 def profile_expsgd(opt, steps: int, device) -> dict:
     """Per-step cost of ExpSGD's one extra pass over the weights (the group norms every step needs)."""
     groups = list(opt.param_groups)
-    sync(device)
+    A.sync(device)
     t = C.timer()
     for _ in range(steps):
         opt._group_norms(groups)
-    sync(device)
+    A.sync(device)
     return {"group_norms_s_per_step": t() / steps}
 
 
@@ -147,9 +141,6 @@ def main(argv=None) -> int:
     devices = {"auto": ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])}.get(
         args.devices, [d.strip() for d in args.devices.split(",") if d.strip()])
     report = C.base_report("optimizer", args)
-    note = C.shared_machine_note()
-    if note:
-        report["notes"].append(note)
     report["results"] = {}
     for d in devices:
         if d == "cuda" and not torch.cuda.is_available():

@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+from _launch import GroupTimeout, child_env, run_group, torchrun_cmd  # noqa: E402
 
 C.take_stdout()
 
@@ -44,29 +42,15 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(n: int, args, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), str(out),
-           args.arch, str(args.res), str(args.batch), str(args.warmup), str(args.steps), str(args.threads)]
-    env = {**os.environ, "PYTHONPATH": str(C.REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": str(args.threads)}
-    # its own process group: on timeout the whole tree goes (killing torchrun alone orphans the ranks)
-    proc = subprocess.Popen(cmd, env=env, cwd=C.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    cmd = torchrun_cmd([str(WORKER), str(out), args.arch, str(args.res), str(args.batch), str(args.warmup),
+                        str(args.steps), str(args.threads)], nproc=n)
     try:
-        log, _ = proc.communicate(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        raise SystemExit(f"scaling: {n}-rank launch timed out after {args.timeout}s\n{log[-4000:]}")
+        proc = run_group(cmd, env=child_env(args.threads), timeout=args.timeout)
+    except GroupTimeout as e:
+        raise SystemExit(f"scaling: {n}-rank launch {e}") from None
     if proc.returncode != 0 or not out.exists():
-        raise SystemExit(f"scaling: {n}-rank launch failed (rc {proc.returncode})\n{log[-4000:]}")
+        raise SystemExit(f"scaling: {n}-rank launch failed (rc {proc.returncode})\n{proc.stdout[-4000:]}")
     rec = json.loads(out.read_text())
     out.unlink()
     return rec
@@ -75,9 +59,6 @@ def launch(n: int, args, out: Path) -> dict:
 def main(argv=None) -> int:
     args = parse(argv)
     report = C.base_report("scaling", args)
-    note = C.shared_machine_note()
-    if note:
-        report["notes"].append(note)
     ranks = [int(r) for r in args.ranks.split(",")]
     runs = {n: [] for n in ranks}
     with tempfile.TemporaryDirectory(prefix="bigexp-scaling-") as tmp:

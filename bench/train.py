@@ -63,9 +63,6 @@ def main(argv=None) -> int:
 
     ctx = init_distributed(args.device)
     report = C.base_report("train", args)
-    note = C.shared_machine_note()
-    if note:
-        report["notes"].append(note)
     report["notes"].append("plain arm: torch.optim.SGD(foreach=True) over model.parameters(), bf16 via "
                            "torch.autocast (fp32 weights); bigexp arm: DeepSpeed bf16 (bf16 weights, fp32 masters "
                            "in ExpSGD); fixed random batch, so the loader is not measured")

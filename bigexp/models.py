@@ -19,9 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.resnet import BasicBlock
 
 from bigexp.config.schema import ModelConfig
+from bigexp.errors import ConfigError
 
 ARCHS = ("resnet50", "resnet18", "preact_resnet32", "fmnist_resnet")
 
@@ -175,19 +177,21 @@ def _apply_norm_affine(model: nn.Module, mode: str) -> None:
 
 
 def _check(cfg: ModelConfig) -> None:
+    """The model section's rules, for a ModelConfig that never went through `bigexp.config.validate` (tests, bench);
+    a ConfigError (a ValueError) names the key."""
     if cfg.arch not in ARCHS:
-        raise ValueError(f"model.arch: unknown architecture {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
+        raise ConfigError(f"model.arch: unknown architecture {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
     if cfg.norm_affine not in ("train", "freeze", "off"):
-        raise ValueError(f"model.norm_affine: {cfg.norm_affine!r} is not one of train | freeze | off")
+        raise ConfigError(f"model.norm_affine: {cfg.norm_affine!r} is not one of train | freeze | off")
     if cfg.zero_init_residual and cfg.norm_affine != "train":
-        raise ValueError(
+        raise ConfigError(
             f"model.zero_init_residual needs model.norm_affine=train (got {cfg.norm_affine!r}): the zeroed gamma "
             "would be frozen at 0 (or not exist), switching every residual branch off for good")
     for key in ("num_classes", "width"):
         if int(getattr(cfg, key)) <= 0:
-            raise ValueError(f"model.{key}: must be > 0, got {getattr(cfg, key)!r}")
+            raise ConfigError(f"model.{key}: must be > 0, got {getattr(cfg, key)!r}")
     if not cfg.bn_eps > 0:
-        raise ValueError(f"model.bn_eps: must be > 0, got {cfg.bn_eps!r}")
+        raise ConfigError(f"model.bn_eps: must be > 0, got {cfg.bn_eps!r}")
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -228,7 +232,7 @@ def example_input(cfg_or_arch: Union[ModelConfig, str], batch: int = 4, res: int
     """
     arch = cfg_or_arch.arch if isinstance(cfg_or_arch, ModelConfig) else str(cfg_or_arch)
     if arch not in ARCHS:
-        raise ValueError(f"model.arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise ConfigError(f"model.arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     res = DEFAULT_RES[arch] if res is None else int(res)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, res, res, generator=g, dtype=dtype)
@@ -240,7 +244,6 @@ def example_input(cfg_or_arch: Union[ModelConfig, str], batch: int = 4, res: int
 def forward_flops(model: nn.Module, x: torch.Tensor) -> float:
     """Forward FLOPs per input item (2 FLOPs per multiply-add; convs and matmuls, as torch's FlopCounterMode
     counts them), measured on `x` in eval mode with gradients off."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
     model.eval()

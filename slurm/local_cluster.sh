@@ -75,7 +75,7 @@ SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=5,bf_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
-# No slurmdbd: accounting off; the job-completion log gives `sacct --completion` one line per finished run.
+# No slurmdbd: accounting off; the job-completion log gives "sacct --completion" one line per finished run.
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/filetxt
@@ -87,7 +87,8 @@ SlurmdLogFile=$LOG/slurmd.log
 StateSaveLocation=$STATE/slurmctld
 SlurmdSpoolDir=$STATE/slurmd
 NodeName=$HOST CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+# OverSubscribe=YES: jobs that ask (sbatch -s / --oversubscribe) may share cores; the rest get them to themselves.
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 EOF
   if [ "$pt" = proctrack/cgroup ]; then
     printf 'CgroupPlugin=cgroup/%s\nCgroupAutomount=yes\n' "$cg" > /etc/slurm/cgroup.conf

@@ -4,14 +4,12 @@ the README table is built from. They keep the scripts from rotting; the figures 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
 import pytest
 
-from distutil import IMAGENET_SAMPLE, REPO, dist_env
+from conftest import IMAGENET_SAMPLE, REPO, run_group
 
 pytestmark = pytest.mark.slow
 
@@ -32,18 +30,11 @@ def parse_one_json(stdout: str) -> dict:
 
 
 def run_json(script: str, *args: str, timeout: int = 240) -> dict:
-    # stdout alone: the scripts send every log line (theirs, DeepSpeed's, workers') to stderr. Own process
-    # group, so a timeout also ends torchrun's ranks and DataLoader workers.
-    proc = subprocess.Popen([sys.executable, str(BENCH / script), *args], cwd=REPO, env=dist_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"bench/{script} timed out after {timeout}s\n{err[-4000:]}")
-    assert proc.returncode == 0, err[-6000:]
-    return parse_one_json(out)
+    # stdout alone: the scripts send every log line (theirs, DeepSpeed's, workers') to stderr. A timeout also
+    # ends torchrun's ranks and DataLoader workers.
+    proc = run_group([sys.executable, str(BENCH / script), *args], timeout=timeout, merge_stderr=False)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return parse_one_json(proc.stdout)
 
 
 def test_optimizer_bench():

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-IDX = "/usr/share/datasets/fashion-mnist"
-REPO = Path(__file__).resolve().parents[1]
+from conftest import FMNIST_DIR as IDX, REPO
 STEPS = 4
 PROBE_EVERY = 2
 
@@ -39,7 +38,7 @@ def small_data(base: Path) -> Path:
 
 def run_small_compare(tmp_path_factory) -> Path:
     """A finished 2-arm compare logdir, made once per pytest session (test_report.py reuses it)."""
-    from bigexp.analysis.compare import compare
+    from bigexp.analysis.runner import compare
     from bigexp.config import load_config
 
     base = tmp_path_factory.getbasetemp() / "shared_compare"
@@ -61,7 +60,7 @@ def logdir(tmp_path_factory):
 
 
 def _events(run_dir: Path) -> dict:
-    """tag -> {step: value}: the raw records parsed as Event protos (independent of bigexp.analysis.report's reader)."""
+    """tag -> {step: value}: the raw records parsed as Event protos (independent of bigexp.analysis.events' reader)."""
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto.event_pb2 import Event
 
@@ -122,7 +121,7 @@ def test_gap_run_tags_and_values(logdir):
 
 @pytest.mark.slow
 def test_custom_scalars_layout_read_back(logdir):
-    from bigexp.analysis.compare import LAYOUT_FILE, read_layout
+    from bigexp.analysis.events import LAYOUT_FILE, read_layout
 
     assert (logdir / LAYOUT_FILE).is_file()
     layout = read_layout(logdir)
@@ -146,7 +145,7 @@ def test_custom_scalars_layout_read_back(logdir):
 @pytest.mark.slow
 def test_layout_only_cli_rewrites_in_place(logdir, tmp_path):
     """`bigexp compare --layout-only` (no training): layout + gap rewritten atomically, one file each."""
-    from bigexp.analysis.compare import GAP_FILE, LAYOUT_FILE
+    from bigexp.analysis.events import GAP_FILE, LAYOUT_FILE
 
     before = _events(logdir / "gap")
     base = logdir.parent.parent
@@ -172,7 +171,7 @@ def test_bad_config_exits_2(tmp_path):
 @pytest.mark.slow
 def test_arm_mode_then_gap(tmp_path, tmp_path_factory):
     """SLURM style: one arm per call into the same layout; the gap appears once both arms' probes exist."""
-    from bigexp.analysis.compare import compare
+    from bigexp.analysis.runner import compare
     from bigexp.config import load_config
 
     data = small_data(tmp_path_factory.getbasetemp() / "shared_compare")
@@ -194,7 +193,7 @@ def test_arm_mode_then_gap(tmp_path, tmp_path_factory):
 def test_lockstep_float64_shows_the_theorem(tmp_path, tmp_path_factory):
     """Both models in one loop on the same batches, float64: identical at step 0, then apart only by BN eps and
     rounding (relative 1e-7 and below), far from the float32 chaos level."""
-    from bigexp.analysis.compare import lockstep
+    from bigexp.analysis.lockstep import lockstep
     from bigexp.config import load_config
 
     data = small_data(tmp_path_factory.getbasetemp() / "shared_compare")

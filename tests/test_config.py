@@ -22,7 +22,7 @@ from bigexp.config import (Config, ConfigError, add_config_arguments, arm_config
 from bigexp.config.schema import (CompareConfig, DataConfig, EngineConfig, LogConfig, ModelConfig, OptimConfig,
                                   RunConfig, ScheduleConfig)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
 
 

@@ -7,8 +7,7 @@ import pytest
 
 from bigexp.cli import main
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample" / "val"
-IDX = Path("/usr/share/datasets/fashion-mnist")
+from conftest import FMNIST_DIR as IDX, IMAGENET_SAMPLE as SAMPLE
 
 
 def small_tree(dst: Path, n_classes: int) -> tuple[Path, list[Path]]:

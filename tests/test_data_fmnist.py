@@ -11,9 +11,9 @@ import torch
 from bigexp.config.schema import DataConfig
 from bigexp.data.fmnist import (FMNIST_MEAN, FMNIST_STD, load_split, read_idx, resize_gray,
                                 write_fashion_mnist)
-from bigexp.data.write import DataError
+from bigexp.errors import DataError
 
-IDX = Path("/usr/share/datasets/fashion-mnist")
+from conftest import FMNIST_DIR as IDX
 pytestmark = pytest.mark.skipif(not IDX.is_dir(), reason=f"{IDX} missing")
 
 

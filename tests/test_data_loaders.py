@@ -15,10 +15,9 @@ import torch
 from bigexp.config.schema import DataConfig
 from bigexp.data.loaders import (build_train_loader, build_val_loader, resolution_for_epoch,
                                  train_epoch_indices, val_indices)
-from bigexp.data.write import write_imagefolder
+from bigexp.data.imagefolder import write_imagefolder
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample" / "val"
+from conftest import IMAGENET_SAMPLE as SAMPLE
 pytestmark = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"{SAMPLE} missing")
 N = 1000
 
@@ -33,7 +32,8 @@ def beton(tmp_path_factory):
 
 def cfg_for(beton, **kw) -> DataConfig:
     base = dict(dataset="imagenet", train_beton=beton.path, val_beton=beton.path, num_workers=2,
-                min_res=64, max_res=96, start_ramp_epoch=1, end_ramp_epoch=3, val_res=64)
+                min_res=64, max_res=96, start_ramp_epoch=1, end_ramp_epoch=3, val_res=64,
+                channels_last=True)  # the GPU layout (the CPU default is NCHW): the harder path of the pipeline
     base.update(kw)
     return DataConfig(**base)
 

@@ -1,4 +1,5 @@
-"""bigexp.data.write: ImageFolder -> .beton, bad inputs, atomic writes, ensure_betons."""
+"""Writing .betons (bigexp.data.beton, .imagefolder, .ensure): ImageFolder -> .beton, bad inputs, atomic writes,
+ensure_betons."""
 from __future__ import annotations
 
 import json
@@ -10,11 +11,13 @@ import numpy as np
 import pytest
 
 from bigexp.config.schema import DataConfig
-from bigexp.data import write as W
-from bigexp.data.write import DataError, check_beton, ensure_betons, write_imagefolder
+from bigexp.data import beton
+from bigexp.data import imagefolder as W
+from bigexp.data.beton import DataError, check_beton
+from bigexp.data.ensure import ensure_betons
+from bigexp.data.imagefolder import write_imagefolder
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample" / "val"
+from conftest import IMAGENET_SAMPLE as SAMPLE, REPO
 pytestmark = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"{SAMPLE} missing")
 
 
@@ -31,7 +34,8 @@ def small_tree(dst: Path, n_classes: int = 3) -> tuple[Path, list[Path]]:
 
 
 def leftovers(d: Path) -> list[str]:
-    return sorted(p.name for p in d.iterdir() if ".tmp-" in p.name)
+    """Temp files a write left behind: bigexp.atomic's `.<name>.<random>.tmp` (and the older `.tmp-` names)."""
+    return sorted(p.name for p in d.iterdir() if p.name.endswith(".tmp") or ".tmp-" in p.name)
 
 
 def test_small_tree_round_trip_metadata(tmp_path):
@@ -143,7 +147,7 @@ def test_wrong_fields_and_non_beton_named(tmp_path):
             return (float(i), i)
 
     wrong = tmp_path / "wrong.beton"
-    W.write_indexed_dataset(Rows(), wrong, {"x": FloatField(), "label": IntField()}, num_workers=1,
+    beton.write_indexed_dataset(Rows(), wrong, {"x": FloatField(), "label": IntField()}, num_workers=1,
                             progress=False)
     with pytest.raises(DataError, match=rf"{wrong}: .beton has fields .*'x': 'FloatField'"):
         check_beton(wrong)
@@ -201,7 +205,7 @@ def test_first_ffcv_import_keeps_torch_threads(tmp_path):
     import subprocess
     import sys
     code = ("import sys, torch; torch.set_num_threads(3)\n"
-            "from bigexp.data.write import DataError, check_beton\n"
+            "from bigexp.data.beton import DataError, check_beton\n"
             "try:\n    check_beton('/nonexistent.beton')\nexcept DataError:\n    pass\n"
             "assert 'ffcv' in sys.modules\n"
             "print(torch.get_num_threads())\n")

@@ -1,4 +1,5 @@
-"""bigexp.analysis.plots: PNGs from real event files (TBLogger), log axes with zeros, atomic writes."""
+"""bigexp.analysis.plots (and report.plot_run, its one-run use): PNGs from real event files (TBLogger), log axes
+with zeros, atomic writes."""
 import pytest
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -17,7 +18,7 @@ def _run(d, arm_lr_growth=1.0, steps=20):
 
 
 def test_plot_run_writes_each_curve(tmp_path):
-    from bigexp.analysis.plots import plot_run
+    from bigexp.analysis.report import plot_run
 
     _run(tmp_path / "r")
     paths = plot_run(tmp_path / "r")
@@ -31,7 +32,7 @@ def test_plot_run_writes_each_curve(tmp_path):
 
 
 def test_plot_run_on_empty_dir(tmp_path):
-    from bigexp.analysis.plots import plot_run
+    from bigexp.analysis.report import plot_run
 
     assert plot_run(tmp_path) == []
     assert not (tmp_path / "plots").exists()
@@ -41,7 +42,7 @@ def test_plot_compare_lines_and_gap_with_zeros(tmp_path):
     import matplotlib
 
     from bigexp.analysis.plots import plot_compare, plot_curves
-    from bigexp.analysis.report import load_scalars
+    from bigexp.analysis.events import load_scalars
 
     _run(tmp_path / "sgd")
     _run(tmp_path / "expsgd", arm_lr_growth=1.3)
@@ -58,7 +59,7 @@ def test_plot_compare_lines_and_gap_with_zeros(tmp_path):
 
 def test_lines_are_labelled_per_run_and_group(tmp_path, monkeypatch):
     import bigexp.analysis.plots as plots
-    from bigexp.analysis.report import load_scalars
+    from bigexp.analysis.events import load_scalars
 
     _run(tmp_path / "sgd")
     _run(tmp_path / "expsgd", arm_lr_growth=1.3)

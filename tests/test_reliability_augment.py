@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bigexp.data.augment import crop_params, epoch_key, splitmix64
-from distutil import FMNIST_DIR
+from conftest import fmnist_betons
 
 
 def test_splitmix64_matches_the_reference_sequence():
@@ -40,13 +40,7 @@ def test_crop_params_distribution_and_determinism():
 
 @pytest.fixture(scope="module")
 def beton(tmp_path_factory):
-    from bigexp.data.fmnist import write_fashion_mnist
-
-    if not FMNIST_DIR.is_dir():
-        pytest.skip(f"{FMNIST_DIR} missing")
-    d = tmp_path_factory.mktemp("aug")
-    write_fashion_mnist(FMNIST_DIR, d / "train.beton", size=32, split="train", limit=128, progress=False)
-    return d / "train.beton"
+    return fmnist_betons(tmp_path_factory.mktemp("aug"), train=128) / "train.beton"
 
 
 def _loader(beton, batch_size, world_size=1, workers=2):

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -26,24 +24,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from distutil import FMNIST_DIR, REPO
+from conftest import REPO, child_env, fmnist_betons, kill_tree, run_group, train_args
 
 pytestmark = pytest.mark.slow
 
 
-def train_cmd(out: Path, data: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "bigexp", "train", "--config", "configs/fmnist/base.yaml",
-            f"run.out_dir={out}", "run.name=ck", "run.epochs=1", "run.progress=false", "run.threads=1",
-            "run.checkpoint_every_steps=2", "run.keep_checkpoints=3",
-            f"data.train_beton={data / 'train.beton'}", f"data.val_beton={data / 'val.beton'}",
-            "data.write_missing=false", "data.batch_size=32", "data.num_workers=1",
-            "model.width=8", "optim.optimizer=expsgd", "optim.lr=0.4", "optim.weight_decay=0.21",
-            "optim.momentum=0.5", "optim.renorm_every=4", "engine.precision=bf16", "schedule.kind=constant",
-            "log.every_steps=1", "log.plots=false", *extra]
-
-
-def env(**extra) -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+def ck_cmd(out: Path, data: Path, *extra: str) -> list[str]:
+    return [sys.executable, *train_args(
+        "configs/fmnist/base.yaml", out, data, "ck", "run.epochs=1", "run.threads=1", "run.checkpoint_every_steps=2",
+        "run.keep_checkpoints=3", "data.batch_size=32", "data.num_workers=1", "model.width=8",
+        "optim.optimizer=expsgd", "optim.lr=0.4", "optim.weight_decay=0.21", "optim.momentum=0.5",
+        "optim.renorm_every=4", "engine.precision=bf16", "schedule.kind=constant", "log.every_steps=1",
+        "log.plots=false", *extra)]
 
 
 def snapshot(d: Path) -> dict:
@@ -53,14 +45,7 @@ def snapshot(d: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from bigexp.data.fmnist import write_fashion_mnist
-
-    if not FMNIST_DIR.is_dir():
-        pytest.skip(f"{FMNIST_DIR} missing")
-    d = tmp_path_factory.mktemp("ckdata")
-    write_fashion_mnist(FMNIST_DIR, d / "train.beton", size=32, split="train", limit=512, progress=False)
-    write_fashion_mnist(FMNIST_DIR, d / "val.beton", size=32, split="test", limit=64, progress=False)
-    return d
+    return fmnist_betons(tmp_path_factory.mktemp("ckdata"), train=512, val=64)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +58,7 @@ def story(tmp_path_factory, data):
 
     # 1. killed inside the step-6 save
     log1 = open(out / "first.log", "w")
-    proc = subprocess.Popen(train_cmd(out, data), cwd=REPO, env=env(BIGEXP_TEST_SLEEP_IN_SAVE_AT_STEP="6"),
+    proc = subprocess.Popen(ck_cmd(out, data), cwd=REPO, env=child_env(BIGEXP_TEST_SLEEP_IN_SAVE_AT_STEP="6"),
                             stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
     tmp6 = root / ".tmp-step000000006"
     end = time.monotonic() + 300
@@ -82,7 +67,7 @@ def story(tmp_path_factory, data):
         assert time.monotonic() < end, "the step-6 save never started"
         time.sleep(0.1)
     time.sleep(1.0)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)
     proc.wait()
     rec["after_kill"] = sorted(p.name for p in root.iterdir())
     rec["verified_after_kill"] = {p.name: verify_checkpoint(p)["global_step"] for p in root.glob("step*")}
@@ -91,8 +76,8 @@ def story(tmp_path_factory, data):
     victim = root / "step000000004" / "mp_rank_00_model_states.pt"
     with open(victim, "r+b") as f:
         f.truncate(victim.stat().st_size // 2)
-    r = subprocess.run(train_cmd(out, data, "--resume", "auto"), cwd=REPO, env=env(BIGEXP_TEST_NAN_AT_STEP="5"),
-                       capture_output=True, text=True, timeout=300)
+    r = run_group(ck_cmd(out, data, "--resume", "auto"), env=child_env(BIGEXP_TEST_NAN_AT_STEP="5"),
+                  timeout=300, merge_stderr=False)
     rec["nan_rc"], rec["nan_out"], rec["nan_err"] = r.returncode, r.stdout, r.stderr
     rec["after_nan"] = sorted(p.name for p in root.iterdir())
     rec["verified_after_nan"] = {p.name: verify_checkpoint(p)["global_step"] for p in root.glob("step*")}
@@ -101,8 +86,7 @@ def story(tmp_path_factory, data):
 
     # 3. the same run directory, another model
     before = snapshot(out / "ck")
-    r = subprocess.run(train_cmd(out, data, "model.width=4"), cwd=REPO, env=env(), capture_output=True, text=True,
-                       timeout=300)
+    r = run_group(ck_cmd(out, data, "model.width=4"), timeout=300, merge_stderr=False)
     rec["other_rc"], rec["other_err"] = r.returncode, r.stderr
     rec["other_unchanged"] = snapshot(out / "ck") == before
     return rec

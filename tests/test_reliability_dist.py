@@ -21,14 +21,13 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from distutil import FMNIST_DIR, REPO, dist_env, free_port
+from conftest import REPO, child_env, children, fmnist_betons, kill_tree, torchrun_cmd, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -38,15 +37,13 @@ STEP_DELAY_S = 0.25
 TIMEOUT_S = 240
 
 
-def train_args(out: Path, data: Path, *extra: str) -> list[str]:
-    return ["-m", "bigexp", "train", "--config", "configs/fmnist/base.yaml",
-            f"run.out_dir={out}", "run.name=rel", f"run.epochs={EPOCHS}", "run.progress=false", "run.threads=1",
-            "run.deterministic=true", "run.checkpoint_every_steps=3", "run.keep_checkpoints=2",
-            f"data.train_beton={data / 'train.beton'}", f"data.val_beton={data / 'val.beton'}",
-            "data.write_missing=false", "data.batch_size=32", "data.num_workers=1", "data.random_crop=true",
-            "model.width=8", "optim.optimizer=expsgd", "optim.lr=0.2", "optim.momentum=0.9",
-            "optim.weight_decay=5e-4", "optim.renorm_every=4", "engine.zero_stage=1", "engine.precision=fp32",
-            "schedule.kind=step", "schedule.milestones=[1]", "log.every_steps=4", "log.plots=false", *extra]
+def rel_args(out: Path, data: Path, *extra: str) -> list[str]:
+    return train_args("configs/fmnist/base.yaml", out, data, "rel", f"run.epochs={EPOCHS}", "run.threads=1",
+                      "run.deterministic=true", "run.checkpoint_every_steps=3", "run.keep_checkpoints=2",
+                      "data.batch_size=32", "data.num_workers=1", "data.random_crop=true", "model.width=8",
+                      "optim.optimizer=expsgd", "optim.lr=0.2", "optim.momentum=0.9", "optim.weight_decay=5e-4",
+                      "optim.renorm_every=4", "engine.zero_stage=1", "engine.precision=fp32", "schedule.kind=step",
+                      "schedule.milestones=[1]", "log.every_steps=4", "log.plots=false", *extra)
 
 
 class Job:
@@ -54,13 +51,9 @@ class Job:
 
     def __init__(self, args, log: Path, restarts: int = 0, delay: float = STEP_DELAY_S):
         self.log_path = log
-        # c10d rendezvous, as launch/torchrun_single.sh (--standalone) and the sbatch use: each restart round gets a
-        # fresh store. (With static --master_addr/--master_port the agent's store outlives a restart and the new
-        # group's gloo mesh reads the dead group's addresses: "connectFullMesh failed ... Connection refused".)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
-               "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", "rel", "--max-restarts", str(restarts),
-               *args]
-        env = dist_env(BIGEXP_TEST_STEP_DELAY_S=str(delay), BIGEXP_DIST_TIMEOUT_MIN="2")
+        # c10d rendezvous, as launch/torchrun_single.sh (--standalone) and the sbatch use (see torchrun_cmd)
+        cmd = torchrun_cmd(args, elastic=True, extra=["--max-restarts", str(restarts)])
+        env = child_env(BIGEXP_TEST_STEP_DELAY_S=str(delay), BIGEXP_DIST_TIMEOUT_MIN="2")
         self.f = open(log, "w")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.f,
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -72,19 +65,14 @@ class Job:
     def ranks(self) -> dict[int, int]:
         """{local rank: pid} of the agent's live worker processes."""
         out = {}
-        for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
+        for pid in children(self.proc.pid):
             try:
-                kids = Path(f"/proc/{self.proc.pid}/task/{tid}/children").read_text().split()
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            for pid in map(int, kids):
-                try:
-                    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                for kv in env:
-                    if kv.startswith(b"LOCAL_RANK="):
-                        out[int(kv.split(b"=")[1])] = pid
+            for kv in env:
+                if kv.startswith(b"LOCAL_RANK="):
+                    out[int(kv.split(b"=")[1])] = pid
         return out
 
     def wait_until(self, what: str, pred, timeout: float = TIMEOUT_S):
@@ -107,26 +95,9 @@ class Job:
             pytest.fail(f"run did not finish in {timeout}s\n{self.log()[-6000:]}")
 
     def kill(self):
-        """SIGKILL the agent AND its ranks: torchrun starts each rank in a session of its own, so killing the
-        agent's process group alone leaves them running (and writing checkpoints)."""
-        ranks = list(self.ranks().values()) if self.proc.poll() is None else []
-        for pid in [self.proc.pid, *ranks]:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """SIGKILL the agent AND its ranks (each in a session of its own), and wait until they are gone."""
+        kill_tree(self.proc.pid)
         self.proc.wait()
-        end = time.monotonic() + 30
-        while any(Path(f"/proc/{p}").exists() and "State:\tZ" not in _status(p) for p in ranks):
-            assert time.monotonic() < end, f"ranks {ranks} survived SIGKILL"
-            time.sleep(0.05)
-
-
-def _status(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return "State:\tZ"
 
 
 def steps_saved(run_dir: Path) -> list[int]:
@@ -178,14 +149,7 @@ def diff(a, b, path="") -> list[str]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from bigexp.data.fmnist import write_fashion_mnist
-
-    if not FMNIST_DIR.is_dir():
-        pytest.skip(f"{FMNIST_DIR} missing")
-    d = tmp_path_factory.mktemp("reldata")
-    write_fashion_mnist(FMNIST_DIR, d / "train.beton", size=32, split="train", limit=512, progress=False)
-    write_fashion_mnist(FMNIST_DIR, d / "val.beton", size=32, split="test", limit=128, progress=False)
-    return d
+    return fmnist_betons(tmp_path_factory.mktemp("reldata"), train=512, val=128)
 
 
 @pytest.fixture(scope="module")
@@ -197,13 +161,13 @@ def chain(tmp_path_factory, data):
     tmp = tmp_path_factory.mktemp("chain")
     rec = {"seed": SEED}
 
-    ref = Job(train_args(tmp / "ref", data), tmp / "ref.log", delay=0)
+    ref = Job(rel_args(tmp / "ref", data), tmp / "ref.log", delay=0)
     assert ref.wait() == 0, ref.log()[-6000:]
     rec["ref"] = state_of(tmp / "ref" / "rel" / "checkpoints" / f"step{16 * EPOCHS:09d}")
 
     run_dir = tmp / "int" / "rel"
     rec["run_dir"] = run_dir
-    args = train_args(tmp / "int", data)
+    args = rel_args(tmp / "int", data)
 
     # attempt 1: a rank dies, torchrun restarts the group, which resumes; then SIGUSR1 to the ranks
     job = Job(args, tmp / "a1.log", restarts=1)

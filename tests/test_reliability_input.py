@@ -9,19 +9,15 @@ model: tests/test_reliability_checkpoint.py.)
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bigexp.config.schema import Config
 from bigexp.config.validate import section_types
-from distutil import REPO
+from conftest import REPO, run_group
 
 BASE = str(REPO / "configs" / "fmnist" / "base.yaml")
 
@@ -105,10 +101,8 @@ def test_fuzzed_bad_configs_exit_2_naming_the_key_and_write_nothing(bad, via_fil
 
 # --------------------------------------------------------------------------------------------- real processes
 def bigexp_train(*args, timeout=180):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "bigexp", "train", "--config", BASE, "run.progress=false",
-                           "run.threads=1", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return run_group([sys.executable, "-m", "bigexp", "train", "--config", BASE, "run.progress=false",
+                      "run.threads=1", *args], timeout=timeout, merge_stderr=False)
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """bigexp report: the table and plots from the event files of a real 2-arm compare (shared with test_compare.py),
-checked against values read independently (raw Event protos, not bigexp.analysis.report's EventAccumulator path)."""
+checked against values read independently (TensorBoard's own record loader, not bigexp.analysis.events' reader)."""
 import statistics
 from pathlib import Path
 
@@ -133,7 +133,7 @@ def test_resumed_run_keeps_the_later_value(tmp_path):
     """A resumed run logs the steps after its last checkpoint twice; the later write wins."""
     import time
 
-    from bigexp.analysis.report import load_scalars
+    from bigexp.analysis.events import load_scalars
     from bigexp.run.metrics import TBLogger
 
     t = TBLogger(tmp_path)
@@ -147,3 +147,27 @@ def test_resumed_run_keeps_the_later_value(tmp_path):
     t.close()
     steps, values = load_scalars(tmp_path)["train/loss"]
     assert steps == [1, 2, 3, 4] and values == [1.0, 20.0, 30.0, 40.0]
+
+
+def test_corrupt_event_file_is_bad_input_naming_it(tmp_path, capsys):
+    """A record failing its CRC exits 2 naming the file; an incomplete LAST record is a run still writing its
+    events: read up to it."""
+    from bigexp.analysis.events import load_scalars
+    from bigexp.cli import main
+    from bigexp.run.metrics import TBLogger
+
+    t = TBLogger(tmp_path / "sgd")
+    for s in (1, 2, 3):
+        t.scalars(s, {"train/loss": float(s)})
+    t.close()
+    (events,) = [p for p in (tmp_path / "sgd").iterdir() if "tfevents" in p.name]
+    data = events.read_bytes()
+    events.write_bytes(data[:-5])
+    assert load_scalars(tmp_path / "sgd")["train/loss"] == ([1, 2], [1.0, 2.0])
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 0xFF
+    events.write_bytes(bytes(bad))
+    assert main(["report", str(tmp_path), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert f"bigexp report: {events}: corrupt event file" in err
+    assert not (tmp_path / "report.md").exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distutil import FMNIST_DIR, IMAGENET_SAMPLE, REPO, run_group, torchrun_cmd
+from conftest import IMAGENET_SAMPLE, REPO, fmnist_betons, run_group, torchrun_cmd, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -16,9 +16,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def engine_modes(tmp_path_factory):
     out = tmp_path_factory.mktemp("engine_modes")
-    rc, log = run_group(torchrun_cmd([str(REPO / "tests" / "dist" / "engine_modes.py"), str(out)]),
-                        cwd=REPO, timeout=600)
-    assert rc == 0, log[-8000:]
+    proc = run_group(torchrun_cmd([str(REPO / "tests" / "dist" / "engine_modes.py"), str(out)]), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-8000:]
     return json.loads((out / "engine_modes.json").read_text())
 
 
@@ -47,29 +46,18 @@ def test_every_mode_keeps_ranks_identical_and_arms_equivalent(engine_modes, mode
 # ----------------------------------------------------------------------------------------------- bigexp train
 @pytest.fixture(scope="module")
 def small_fmnist(tmp_path_factory):
-    from bigexp.data.fmnist import write_fashion_mnist
-
-    if not FMNIST_DIR.is_dir():
-        pytest.skip(f"{FMNIST_DIR} missing (apt-get install dataset-fashion-mnist)")
-    d = tmp_path_factory.mktemp("fmnist")
-    write_fashion_mnist(FMNIST_DIR, d / "train.beton", size=32, split="train", limit=512, progress=False)
-    write_fashion_mnist(FMNIST_DIR, d / "test.beton", size=32, split="test", limit=256, progress=False)
-    return d
+    return fmnist_betons(tmp_path_factory.mktemp("fmnist"), train=512, val=256)
 
 
-def train_cmd(out_dir: Path, data: Path, *extra: str) -> list[str]:
-    return torchrun_cmd(["-m", "bigexp", "train", "--config", "configs/fmnist/main.yaml",
-                         f"run.out_dir={out_dir}", "run.name=e2e", "run.epochs=2", "run.progress=false",
-                         f"data.train_beton={data / 'train.beton'}", f"data.val_beton={data / 'test.beton'}",
-                         "data.write_missing=false", "data.batch_size=64", "data.min_res=32",
-                         "data.random_crop=false", "model.width=8", "optim.optimizer=expsgd", "optim.renorm_every=3",
-                         "engine.zero_stage=1", "log.every_steps=2", "run.checkpoint_every_steps=4",
-                         "run.keep_checkpoints=2", "schedule.milestones=[1]", *extra])
+def e2e_cmd(out_dir: Path, data: Path, *extra: str) -> list[str]:
+    return torchrun_cmd(train_args("configs/fmnist/main.yaml", out_dir, data, "e2e", "run.epochs=2",
+                                   "data.batch_size=64", "data.min_res=32", "data.random_crop=false", "model.width=8",
+                                   "optim.optimizer=expsgd", "optim.renorm_every=3", "engine.zero_stage=1",
+                                   "log.every_steps=2", "run.checkpoint_every_steps=4", "run.keep_checkpoints=2",
+                                   "schedule.milestones=[1]", *extra))
 
 
 def final_params(run_dir: Path) -> dict:
-    from bigexp.run.checkpoint import CheckpointManager
-
     newest = sorted((run_dir / "checkpoints").glob("step*"))[-1]
     state = torch.load(newest / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return {k: v for k, v in state["module"].items() if "running" not in k and "num_batches" not in k}, state
@@ -78,9 +66,9 @@ def final_params(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, small_fmnist):
     out = tmp_path_factory.mktemp("full")
-    rc, log = run_group(train_cmd(out, small_fmnist), cwd=REPO, timeout=600)
-    assert rc == 0, log[-8000:]
-    return out / "e2e", log
+    proc = run_group(e2e_cmd(out, small_fmnist), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-8000:]
+    return out / "e2e", proc.stdout
 
 
 def test_train_writes_events_config_and_checkpoints(full_run):
@@ -124,11 +112,11 @@ def test_resolved_config_alone_reproduces_the_run(full_run):
 
 def test_stopped_and_resumed_run_ends_with_the_same_weights(full_run, small_fmnist, tmp_path):
     run_dir, _ = full_run
-    rc, log = run_group(train_cmd(tmp_path, small_fmnist, "run.max_steps=6"), cwd=REPO, timeout=600)
-    assert rc == 0, log[-8000:]
-    rc, log = run_group(train_cmd(tmp_path, small_fmnist, "--resume", "auto"), cwd=REPO, timeout=600)
-    assert rc == 0, log[-8000:]
-    assert "resumed from" in log and "step 6" in log
+    proc = run_group(e2e_cmd(tmp_path, small_fmnist, "run.max_steps=6"), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-8000:]
+    proc = run_group(e2e_cmd(tmp_path, small_fmnist, "--resume", "auto"), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-8000:]
+    assert "resumed from" in proc.stdout and "step 6" in proc.stdout
     want, want_state = final_params(run_dir)
     got, got_state = final_params(tmp_path / "e2e")
     assert want.keys() == got.keys()
@@ -148,8 +136,8 @@ def test_imagenet_rn50_exp_config_end_to_end_on_the_sample(tmp_path):
                         f"data.train_beton={tmp_path / 'in_train.beton'}", f"data.val_beton={tmp_path / 'in_val.beton'}",
                         "data.write_max_res=112", "data.min_res=64", "data.max_res=64", "data.val_res=64",
                         "data.batch_size=16", "data.num_workers=1", "optim.renorm_every=2", "log.every_steps=1"])
-    rc, log = run_group(cmd, cwd=REPO, timeout=900)
-    assert rc == 0, log[-8000:]
+    proc = run_group(cmd, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-8000:]
     run_dir = tmp_path / "rn50"
     assert (tmp_path / "in_train.beton").is_file()
     assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()] == ["step000000003"]

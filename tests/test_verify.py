@@ -1,11 +1,11 @@
 """bigexp verify: passes on the invariant check net, fails loudly on a non-invariant one, exit codes, and the
 chaos-reference rule on hand-made histories."""
 import math
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 # A tiny config: 3 epochs -> 60 compressed steps, a step decay inside, renormalisation every 25 steps so the
 # renorm path (weights / c, momentum * c, BN running stats) is inside the check.
 TINY = ["run.epochs=3", "schedule.kind=step", "schedule.milestones=[2]", "optim.renorm_every=25"]

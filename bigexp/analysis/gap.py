@@ -8,6 +8,8 @@ invariant layer points in the same direction. These functions measure how far tw
     kl                mean over the batch of KL(softmax z_a || softmax z_b) (nats; >= 0)
     top1_agreement    fraction of probe images with the same arg-max class (in [0, 1])
     layer cosines     per layer <w_a, w_b> / (|w_a| |w_b|) (in [-1, 1]; 1 = same direction, whatever A_t is)
+    snapshot_gap      all of them between two probe snapshots (bigexp.analysis.probes), with the eval-mode logits
+                      and the non-invariant parameters' largest relative difference
 
 Everything is computed in float64 so a gap of 1e-12 is a measurement, not float32 rounding.
 Where they come from: a non-zero BN eps, non-invariant parameters (BN affine, classifier, which see the same
@@ -20,8 +22,7 @@ from typing import Mapping
 
 import torch
 
-GAP_TAGS = ("gap/max_abs_logit", "gap/rel_max_abs_logit", "gap/kl", "gap/top1_agreement",
-            "gap/min_layer_cosine", "gap/mean_layer_cosine", "gap/max_direction_gap")
+from bigexp.run import metrics as M
 
 
 def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,6 +37,17 @@ def max_abs_logit_diff(logits_a: torch.Tensor, logits_b: torch.Tensor) -> float:
     if a.numel() == 0:
         return 0.0
     return float((a - b).abs().max())
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |a| (dimensionless; plain max |a - b| when a is all zero, 0.0 for empty tensors): how far
+    a non-invariant parameter (or an output) of the twin is from the baseline's, relative to the baseline's scale."""
+    a, b = _pair(a, b)
+    if a.numel() == 0:
+        return 0.0
+    scale = float(a.abs().max())
+    d = float((a - b).abs().max())
+    return d / scale if scale > 0 else d
 
 
 def rel_max_abs_logit_diff(logits_a: torch.Tensor, logits_b: torch.Tensor) -> float:
@@ -118,21 +130,38 @@ def layer_direction_gaps(weights_a: Mapping[str, torch.Tensor], weights_b: Mappi
 def gap_metrics(logits_a: torch.Tensor, logits_b: torch.Tensor,
                 weights_a: Mapping[str, torch.Tensor] | None = None,
                 weights_b: Mapping[str, torch.Tensor] | None = None) -> dict:
-    """All gap scalars for one probe step, keyed by their TensorBoard tags (see GAP_TAGS).
+    """All gap scalars for one probe step, keyed by their TensorBoard tags (bigexp.run.metrics.GAP_TAGS).
 
     Arm a is the baseline (p in the KL), arm b the twin. Weight metrics are left out when no weights are given
     (or the mappings are empty).
     """
     out = {
-        "gap/max_abs_logit": max_abs_logit_diff(logits_a, logits_b),
-        "gap/rel_max_abs_logit": rel_max_abs_logit_diff(logits_a, logits_b),
-        "gap/kl": kl_divergence(logits_a, logits_b),
-        "gap/top1_agreement": top1_agreement(logits_a, logits_b),
+        M.GAP_MAX_ABS_LOGIT: max_abs_logit_diff(logits_a, logits_b),
+        M.GAP_REL_MAX_ABS_LOGIT: rel_max_abs_logit_diff(logits_a, logits_b),
+        M.GAP_KL: kl_divergence(logits_a, logits_b),
+        M.GAP_TOP1_AGREEMENT: top1_agreement(logits_a, logits_b),
     }
     if weights_a and weights_b:
         cos = layer_cosines(weights_a, weights_b)
         dirs = layer_direction_gaps(weights_a, weights_b)
-        out["gap/min_layer_cosine"] = min(cos.values())
-        out["gap/mean_layer_cosine"] = sum(cos.values()) / len(cos)
-        out["gap/max_direction_gap"] = max(dirs.values())
+        out[M.GAP_MIN_LAYER_COSINE] = min(cos.values())
+        out[M.GAP_MEAN_LAYER_COSINE] = sum(cos.values()) / len(cos)
+        out[M.GAP_MAX_DIRECTION_GAP] = max(dirs.values())
+    return out
+
+
+def snapshot_gap(a: Mapping, b: Mapping) -> dict:
+    """Gap scalars between two probe snapshots (a = baseline; bigexp.analysis.probes.snapshot): batch-statistics
+    logits, eval logits, invariant layers' cosines/direction gaps and the largest relative difference of the
+    non-invariant parameters."""
+    inv = set(a.get("invariant", [])) & set(b.get("invariant", []))
+    wa = {n: w for n, w in a["weights"].items() if n in inv}
+    wb = {n: w for n, w in b["weights"].items() if n in inv}
+    out = gap_metrics(a["logits"], b["logits"], wa, wb)
+    out[M.GAP_EVAL_MAX_ABS_LOGIT] = max_abs_logit_diff(a["logits_eval"], b["logits_eval"])
+    out[M.GAP_EVAL_KL] = kl_divergence(a["logits_eval"], b["logits_eval"])
+    out[M.GAP_EVAL_TOP1_AGREEMENT] = top1_agreement(a["logits_eval"], b["logits_eval"])
+    plain = [n for n in a["weights"] if n not in inv and n in b["weights"]]
+    if plain:
+        out[M.GAP_MAX_PLAIN_REL_DIFF] = max(rel_diff(a["weights"][n], b["weights"][n]) for n in plain)
     return out

@@ -1,11 +1,13 @@
 """PNG plots of training curves (matplotlib, Agg backend: no display needed, safe on compute nodes).
 
-Input everywhere is the `Scalars` mapping that `bigexp.analysis.report.load_scalars` reads from TensorBoard event files:
-tag -> (steps, values), sorted by step. Every figure is written atomically (temp file in the same directory,
-fsync, os.replace), so a plot being rewritten at the end of a run never leaves a half-written PNG.
+Input everywhere is data, never a file: the `Scalars` mapping tag -> (steps, values), sorted by step, that
+`bigexp.analysis.events.load_scalars` reads from TensorBoard event files. Every figure is written atomically (temp
+file in the same directory, fsync, os.replace), so a plot being rewritten at the end of a run never leaves a
+half-written PNG.
 
-    plot_run(run_dir)                      one run's curves     -> <run_dir>/plots/*.png
     plot_compare(runs, out_dir, gap=...)   arms overlaid + gap  -> <out_dir>/*.png
+    plot_curves / plot_gap                 one figure each
+(One run's plots from its event files: bigexp.analysis.report.plot_run.)
 """
 from __future__ import annotations
 
@@ -14,25 +16,27 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from bigexp.atomic import atomic_open
+from bigexp.run import metrics as M
 
+# Train and val loss share one figure; their lines are labelled "<run>: train" / "<run>: val".
+LOSS_PATTERN = f"^(?:{re.escape(M.TRAIN_LOSS)}|{re.escape(M.VAL_LOSS)})$"
 # What is plotted, in order: (file stem, title, y label, tag regex, log y). The regex's first group (if any) is
 # the param group, so several groups of one run get one line each.
 CURVES = (
-    ("val_top1", "validation top-1", "top-1 (%)", r"^val/top1$", False),
-    ("train_loss", "training loss (solid) and validation loss (dashed)", "cross-entropy (nats)",
-     r"^(?:train|val)/loss$", False),
-    ("lr", "applied learning rate per param group (log y)", "LR", r"^opt/(.+)/applied_lr$", True),
+    ("val_top1", "validation top-1", "top-1 (%)", M.tag_regex(M.VAL_TOP1), False),
+    ("train_loss", "training loss (solid) and validation loss (dashed)", "cross-entropy (nats)", LOSS_PATTERN, False),
+    ("lr", "applied learning rate per param group (log y)", "LR", M.opt_tag_regex(M.APPLIED_LR), True),
     ("effective_lr", "effective LR = LR / ‖w‖² per param group (log y)", "LR / ‖w‖²",
-     r"^opt/(.+)/effective_lr$", True),
-    ("weight_norm", "weight norm ‖w‖ per param group (log y)", "‖w‖", r"^opt/(.+)/weight_norm$", True),
+     M.opt_tag_regex(M.EFFECTIVE_LR), True),
+    ("weight_norm", "weight norm ‖w‖ per param group (log y)", "‖w‖", M.opt_tag_regex(M.WEIGHT_NORM), True),
 )
 # Gap curves: (tag, y label, log y). Exact zeros (step 0) cannot sit on a log axis; they are drawn at GAP_FLOOR.
 GAP_CURVES = (
-    ("gap/max_abs_logit", "max |Δ logit|", True),
-    ("gap/kl", "KL(p_base || p_twin) (nats)", True),
-    ("gap/top1_agreement", "top-1 agreement", False),
-    ("gap/max_direction_gap", "max layer ‖u_a − u_b‖, u = w/‖w‖", True),
-    ("gap/min_layer_cosine", "min layer cosine", False),
+    (M.GAP_MAX_ABS_LOGIT, "max |Δ logit|", True),
+    (M.GAP_KL, "KL(p_base || p_twin) (nats)", True),
+    (M.GAP_TOP1_AGREEMENT, "top-1 agreement", False),
+    (M.GAP_MAX_DIRECTION_GAP, "max layer ‖u_a − u_b‖, u = w/‖w‖", True),
+    (M.GAP_MIN_LAYER_COSINE, "min layer cosine", False),
 )
 GAP_FLOOR = 1e-17
 
@@ -41,6 +45,8 @@ Scalars = Mapping[str, Series]
 
 
 def _pyplot():
+    # matplotlib is imported on first use, not with this module: a training process imports the analysis package
+    # (plot_run at the end of a run) and should not pay ~1 s for a plot it may never draw (log.plots false).
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -82,10 +88,8 @@ def plot_curves(runs: Mapping[str, Scalars], path: Path, *, title: str, ylabel: 
     for run, scalars in runs.items():
         for tag, group, (steps, values) in _matching(scalars, pattern):
             label = run if not group else f"{run}: {group}"
-            if tag.startswith("val/") and pattern.startswith("^(?:train|val)"):
-                label = f"{run}: val"
-            elif tag.startswith("train/") and pattern.startswith("^(?:train|val)"):
-                label = f"{run}: train"
+            if pattern == LOSS_PATTERN:
+                label = f"{run}: {tag.partition('/')[0]}"  # train / val
             lines.append((label, tag, steps, values))
     if not lines:
         return None
@@ -94,7 +98,7 @@ def plot_curves(runs: Mapping[str, Scalars], path: Path, *, title: str, ylabel: 
     try:
         for i, (label, tag, steps, values) in enumerate(lines):
             ys = _positive(values, floor) if logy else list(values)
-            style = "--" if tag.startswith("val/") and "loss" in tag else "-"
+            style = "--" if tag == M.VAL_LOSS else "-"
             marker = "o" if len(steps) <= 30 else None
             ax.plot(steps, ys, style, marker=marker, markersize=3, label=label)
         if logy:
@@ -145,15 +149,3 @@ def plot_compare(runs: Mapping[str, Scalars], out_dir: Path, gap: Scalars | None
         if p is not None:
             written.append(p)
     return written
-
-
-def plot_run(run_dir: Path | str) -> list[Path]:
-    """One run's curves from its event files -> <run_dir>/plots/*.png (train.py calls this at the end of a run
-    when log.plots is true). Returns the written paths; [] when the run has no scalars yet."""
-    from bigexp.analysis.report import load_scalars
-
-    run_dir = Path(run_dir)
-    scalars = load_scalars(run_dir)
-    if not scalars:
-        return []
-    return plot_compare({run_dir.name: scalars}, run_dir / "plots")

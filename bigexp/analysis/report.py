@@ -8,58 +8,29 @@ Numbers per arm: final and best val top-1/top-5 (percent), final val loss, final
 logging window), wall time (last minus first event wall_time, seconds, all scalar events of the run), median
 train img/s, steps, the largest weight norm of the scale-invariant groups. Differences are arm minus baseline
 (the sgd arm when there is one).
+
+The event files are read by bigexp.analysis.events, the PNGs drawn by bigexp.analysis.plots from the scalars read
+here; `plot_run` is the one-run version the training loop calls. The command line is bigexp.analysis.cli.
 """
 from __future__ import annotations
 
 import math
-import re
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
+import yaml
+
+from bigexp.analysis.events import BASELINE_ARM, GAP_RUN, has_event_files, load_scalar_events, load_scalars
+from bigexp.analysis.plots import plot_compare
 from bigexp.atomic import write_text_atomic
+from bigexp.run import metrics as M
 
 DASH = "—"
-GAP_RUN = "gap"
 
 
-# ---------------------------------------------------------------------------------------------- reading events
-def has_event_files(d: Path) -> bool:
-    return d.is_dir() and any("tfevents" in p.name for p in d.iterdir() if p.is_file())
-
-
-def load_scalars(run_dir: Path | str) -> dict:
-    """tag -> (steps, values) of every scalar in the event files of `run_dir` (not its subdirectories), by step.
-
-    A step logged twice (a resumed run repeats the steps after its last checkpoint) keeps the later write.
-    Tags with no step-wise meaning (hparam/*) are left out.
-    """
-    return {tag: (steps, values) for tag, (steps, values, _) in load_scalar_events(run_dir).items()}
-
-
-def load_scalar_events(run_dir: Path | str) -> dict:
-    """tag -> (steps, values, wall_times), as `load_scalars`, with each kept event's wall time (s since epoch)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    run_dir = Path(run_dir)
-    if not has_event_files(run_dir):
-        return {}
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    out = {}
-    for tag in acc.Tags().get("scalars", []):
-        if tag.startswith("hparam/"):
-            continue
-        latest: dict = {}
-        for ev in sorted(acc.Scalars(tag), key=lambda e: e.wall_time):
-            latest[int(ev.step)] = (float(ev.value), float(ev.wall_time))
-        steps = sorted(latest)
-        out[tag] = (steps, [latest[s][0] for s in steps], [latest[s][1] for s in steps])
-    return out
-
-
+# ---------------------------------------------------------------------------------------------- runs
 def find_runs(logdir: Path | str) -> dict:
     """name -> run directory: every direct subdirectory with event files (the arms, the gap run); the logdir itself
     when it holds scalars (a single run). A logdir root that only holds the custom-scalars layout is not a run."""
@@ -81,11 +52,9 @@ def run_arm(run_dir: Path) -> Optional[str]:
     if not cfg.is_file():
         return None
     try:
-        import yaml
-
         data = yaml.safe_load(cfg.read_text()) or {}
         return (data.get("optim") or {}).get("optimizer")
-    except Exception:
+    except Exception:  # unreadable or not ours: the run is still reported, named by its directory
         return None
 
 
@@ -134,21 +103,21 @@ def summarize_run(name: str, events: Mapping, arm: Optional[str] = None) -> ArmS
     """ArmSummary from `load_scalar_events` output; missing tags stay None."""
     sc = {t: (v[0], v[1]) for t, v in events.items()}
     s = ArmSummary(name=name, arm=arm)
-    s.final_top1, s.best_top1 = _last(sc, "val/top1"), _best(sc, "val/top1")
-    s.final_top5, s.best_top5 = _last(sc, "val/top5"), _best(sc, "val/top5")
-    s.final_val_loss = _last(sc, "val/loss")
-    s.final_train_loss = _last(sc, "train/loss")
+    s.final_top1, s.best_top1 = _last(sc, M.VAL_TOP1), _best(sc, M.VAL_TOP1)
+    s.final_top5, s.best_top5 = _last(sc, M.VAL_TOP5), _best(sc, M.VAL_TOP5)
+    s.final_val_loss = _last(sc, M.VAL_LOSS)
+    s.final_train_loss = _last(sc, M.TRAIN_LOSS)
     walls = [w for _, _, ws in events.values() for w in ws]
     if walls:
         s.wall_time_s = max(walls) - min(walls)
-    ips = sc.get("train/img_per_s")
+    ips = sc.get(M.TRAIN_IMG_PER_S)
     if ips and ips[1]:
         s.median_img_per_s = statistics.median(ips[1])
-    steps = [st for t, (sts, _) in sc.items() if not t.startswith("hparam/") for st in sts]
+    steps = [st for t, (sts, _) in sc.items() if not t.startswith(M.HPARAM_PREFIX) for st in sts]
     if steps:
         s.steps = max(steps)
     norms = [max(v) for t, (_, v) in sc.items()
-             if v and (m := re.match(r"^opt/(.+)/weight_norm$", t)) and m.group(1).startswith("scale_invariant")]
+             if v and (g := M.split_opt_tag(t)) and g[1] == M.WEIGHT_NORM and g[0].startswith("scale_invariant")]
     if norms:
         s.max_invariant_weight_norm = max(norms)
     return s
@@ -184,7 +153,7 @@ def arms_table(summaries: list) -> str:
 
 def pick_baseline(summaries: list) -> Optional[ArmSummary]:
     for s in summaries:
-        if s.arm == "sgd" or (s.arm is None and s.name == "sgd"):
+        if s.arm == BASELINE_ARM or (s.arm is None and s.name == BASELINE_ARM):
             return s
     return summaries[0] if summaries else None
 
@@ -209,9 +178,9 @@ def differences_table(summaries: list, baseline: ArmSummary) -> str:
     return markdown_table(headers, rows)
 
 
-GAP_COLUMNS = (("gap/max_abs_logit", "max abs Δlogit"), ("gap/rel_max_abs_logit", "rel. max Δlogit"),
-               ("gap/kl", "KL (nats)"), ("gap/top1_agreement", "top-1 agreement"),
-               ("gap/min_layer_cosine", "min layer cos"), ("gap/max_direction_gap", "max direction gap"))
+GAP_COLUMNS = ((M.GAP_MAX_ABS_LOGIT, "max abs Δlogit"), (M.GAP_REL_MAX_ABS_LOGIT, "rel. max Δlogit"),
+               (M.GAP_KL, "KL (nats)"), (M.GAP_TOP1_AGREEMENT, "top-1 agreement"),
+               (M.GAP_MIN_LAYER_COSINE, "min layer cos"), (M.GAP_MAX_DIRECTION_GAP, "max direction gap"))
 
 
 def gap_table(gap: Mapping) -> str:
@@ -219,7 +188,7 @@ def gap_table(gap: Mapping) -> str:
     cols = [(t, h) for t, h in GAP_COLUMNS if t in gap and gap[t][1]]
     if not cols:
         return ""
-    worse_is_low = {"gap/top1_agreement", "gap/min_layer_cosine"}
+    worse_is_low = {M.GAP_TOP1_AGREEMENT, M.GAP_MIN_LAYER_COSINE}
     rows = []
     for label, pick in (("first probe", lambda s, v, t: (s[0], v[0])), ("last probe", lambda s, v, t: (s[-1], v[-1])),
                         ("worst", lambda s, v, t: min(zip(s, v), key=lambda p: p[1]) if t in worse_is_low
@@ -245,9 +214,9 @@ class ReportResult:
 
 
 def build_report(logdir: Path | str, *, plots: bool = True) -> ReportResult:
-    """Read every run under `logdir`, write report.md (and plots/*.png), return what was found."""
-    from bigexp.analysis import plots as plotting
+    """Read every run under `logdir`, write report.md (and plots/*.png), return what was found.
 
+    FileNotFoundError when there is nothing to report; InputFileError (naming it) for a corrupt event file."""
     logdir = Path(logdir)
     runs = find_runs(logdir)
     gap_events = load_scalar_events(runs.pop(GAP_RUN)) if GAP_RUN in runs else {}
@@ -265,7 +234,7 @@ def build_report(logdir: Path | str, *, plots: bool = True) -> ReportResult:
         summaries = [baseline] + [s for s in summaries if s is not baseline]
 
     ordered = {s.name: scalars[s.name] for s in summaries}  # baseline first, as in the table
-    written = plotting.plot_compare(ordered, logdir / "plots", gap=gap or None) if plots else []
+    written = plot_compare(ordered, logdir / "plots", gap=gap or None) if plots else []
     parts = [f"# bigexp report: {logdir}", "",
              f"Read from the TensorBoard event files. Unfinished runs are fine: not yet logged = {DASH}.", "",
              "## Arms", "", arms_table(summaries), ""]
@@ -283,20 +252,11 @@ def build_report(logdir: Path | str, *, plots: bool = True) -> ReportResult:
                         baseline=baseline, gap=gap, text=text)
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-def add_arguments(parser) -> None:
-    parser.add_argument("logdir", help="a `bigexp compare` logdir (<out_dir>/<name>) or one run directory")
-    parser.add_argument("--no-plots", action="store_true", help="only the markdown table")
-
-
-def run(args) -> int:
-    try:
-        res = build_report(args.logdir, plots=not args.no_plots)
-    except FileNotFoundError as e:
-        print(f"bigexp report: {e}", file=sys.stderr)
-        return 2
-    print(res.text.split("## Plots")[0].rstrip())
-    print(f"\nreport: {res.report_path}")
-    for p in res.plots:
-        print(f"plot:   {p}")
-    return 0
+def plot_run(run_dir: Path | str) -> list[Path]:
+    """One run's curves from its event files -> <run_dir>/plots/*.png (bigexp.run.loop.train calls this at the end
+    of a run when log.plots is true). Returns the written paths; [] when the run has no scalars yet."""
+    run_dir = Path(run_dir)
+    scalars = load_scalars(run_dir)
+    if not scalars:
+        return []
+    return plot_compare({run_dir.name: scalars}, run_dir / "plots")

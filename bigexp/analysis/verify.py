@@ -20,12 +20,14 @@ gives gaps of 1e-3 and more within the first hundred steps.
 
 `--network noninvariant` drops the norm layers but still hands the conv weights to ExpSGD as scale invariant
 (what a wrong invariance claim would do): the check must FAIL.
+
+The arms are stepped by `bigexp compare --lockstep`'s helper (bigexp.analysis.lockstep.step_together); the outputs
+are measured with the probes' forward (bigexp.analysis.probes.probe_logits). The command line: bigexp.analysis.cli.
 """
 from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -34,7 +36,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bigexp.analysis.gap import direction_gap, rel_diff
+from bigexp.analysis.lockstep import PlainArm, step_together
+from bigexp.analysis.probes import probe_logits
+from bigexp.config import arm_config
 from bigexp.config.schema import Config
+from bigexp.optim.build import config_lr
+from bigexp.optim.expsgd import ExpSGD
+from bigexp.optim.invariance import param_groups, running_stats_rescaler
+from bigexp.optim.schedules import ParamGroupScheduler, build_schedule
 
 TOLERANCE = 1e-8
 MAX_STEPS = 2000
@@ -110,12 +120,6 @@ def _groups(model: nn.Module, invariant: list, lr: float, wd: float, plain_wd: f
     return groups
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    scale = float(a.abs().max())
-    d = float((a - b).abs().max())
-    return d / scale if scale > 0 else d
-
-
 def verify(cfg: Config, *, network: str = "invariant", seed: int | None = None, log=print) -> VerifyResult:
     """Run the check (see the module docstring); float64, CPU, one thread (the tensors are tiny: more threads
     only add synchronisation)."""
@@ -127,15 +131,67 @@ def verify(cfg: Config, *, network: str = "invariant", seed: int | None = None, 
         torch.set_num_threads(threads)
 
 
-def _verify(cfg: Config, *, network: str, seed: int | None, log) -> VerifyResult:
-    from bigexp.analysis.compare import probe_logits
-    from bigexp.config import arm_config
-    from bigexp.analysis.gap import direction_gap
-    from bigexp.optim.build import effective_lr
-    from bigexp.optim.expsgd import ExpSGD
-    from bigexp.optim.invariance import param_groups, running_stats_rescaler
-    from bigexp.optim.schedules import ParamGroupScheduler, build_schedule
+def _models(network: str, seed: int) -> dict:
+    """sgd, expsgd: the same TinyNet; ref: the chaos reference, the baseline nudged by NUDGE (relative) in every
+    tensor."""
+    torch.manual_seed(seed)
+    base = TinyNet(norm=network == "invariant").double()
+    models = {"sgd": base, "expsgd": copy.deepcopy(base), "ref": copy.deepcopy(base)}
+    with torch.no_grad():
+        gn = torch.Generator().manual_seed(seed + 1)
+        for p in models["ref"].parameters():
+            noise = torch.randn(p.shape, dtype=p.dtype, generator=gn)
+            p.add_(noise * (NUDGE * float(p.norm()) / max(float(noise.norm()), 1e-300)))
+    return models
 
+
+def _arms(cfg: Config, models: dict, network: str, example: torch.Tensor, *, renorm_every: int, spe: int,
+          total: int) -> tuple[dict, list]:
+    """(name -> PlainArm, the names of the parameters handed to ExpSGD as scale invariant)."""
+    oc = cfg.optim
+    lr = config_lr(cfg)
+    plain_wd = oc.weight_decay if oc.plain_weight_decay is None else oc.plain_weight_decay
+    on_renorm = None
+    if network == "invariant":
+        # The real detector decides, as in training; the check fails if it finds nothing.
+        _, report = param_groups(models["sgd"], example, lr=lr, weight_decay=oc.weight_decay,
+                                 plain_weight_decay=oc.plain_weight_decay, tol=oc.invariance_check_tol)
+        invariant = report.names("invariant")
+        if not invariant:
+            raise RuntimeError("verify: the invariance detector found no scale-invariant weights in the check net")
+    else:  # what a wrong invariance claim would do: the conv weights, with no norm layer after them
+        invariant = [n for n, p in models["sgd"].named_parameters() if n.startswith("conv")]
+    groups = {a: _groups(m, invariant, lr, oc.weight_decay, plain_wd) for a, m in models.items()}
+    if network == "invariant":
+        on_renorm = running_stats_rescaler(models["expsgd"], report, groups["expsgd"])
+    sgd = dict(lr=lr, momentum=oc.momentum, weight_decay=oc.weight_decay, nesterov=oc.nesterov)
+    opt = {"sgd": torch.optim.SGD(groups["sgd"], **sgd),
+           "expsgd": ExpSGD(groups["expsgd"], **sgd, renorm_every=renorm_every, renorm_band=oc.renorm_band,
+                            on_renorm=on_renorm),
+           "ref": torch.optim.SGD(groups["ref"], **sgd)}
+    arms = {a: PlainArm(models[a], o, ParamGroupScheduler(o, build_schedule(cfg.schedule, spe, total)))
+            for a, o in opt.items()}
+    return arms, list(invariant)
+
+
+def _gaps(models: dict, invariant: list, probe: torch.Tensor, a: str, b: str) -> tuple:
+    """(direction, plain, output) relative gaps between arms a and b; all inf once either has blown up."""
+    pa = dict(models[a].named_parameters())
+    pb = dict(models[b].named_parameters())
+    d = max(direction_gap(pa[n], pb[n]) for n in invariant)
+    pl = max((rel_diff(pa[n].detach(), pb[n].detach()) for n in pa if n not in invariant), default=0.0)
+    out = rel_diff(probe_logits(models[a], probe)["logits"], probe_logits(models[b], probe)["logits"])
+    if not all(math.isfinite(v) for v in (d, pl, out)):
+        return math.inf, math.inf, math.inf
+    return d, pl, out
+
+
+def _measure(models: dict, invariant: list, probe: torch.Tensor, step: int) -> tuple:
+    """One history row: (step, direction, plain, output, reference divergence)."""
+    return (step, *_gaps(models, invariant, probe, "sgd", "expsgd"), max(_gaps(models, invariant, probe, "sgd", "ref")))
+
+
+def _verify(cfg: Config, *, network: str, seed: int | None, log) -> VerifyResult:
     if network not in ("invariant", "noninvariant"):
         raise ValueError(f"network must be 'invariant' or 'noninvariant', got {network!r}")
     for arm in ("sgd", "expsgd"):
@@ -143,8 +199,6 @@ def _verify(cfg: Config, *, network: str, seed: int | None, log) -> VerifyResult
     t0 = time.perf_counter()
     seed = cfg.run.seed if seed is None else seed
     oc = cfg.optim
-    lr = effective_lr(cfg)
-    plain_wd = oc.weight_decay if oc.plain_weight_decay is None else oc.plain_weight_decay
     spe, total = compressed_steps(cfg.run.epochs)
     renorm_every = oc.renorm_every
     if renorm_every >= total:
@@ -156,80 +210,29 @@ def _verify(cfg: Config, *, network: str, seed: int | None, log) -> VerifyResult
     xs = torch.randn(NUM_BATCHES, BATCH, 3, RES, RES, dtype=torch.float64, generator=g)
     ys = torch.randint(0, NUM_CLASSES, (NUM_BATCHES, BATCH), generator=g)
     probe = torch.randn(64, 3, RES, RES, dtype=torch.float64, generator=g)
-
-    torch.manual_seed(seed)
-    base = TinyNet(norm=network == "invariant").double()
-    models = {"sgd": base, "expsgd": copy.deepcopy(base), "ref": copy.deepcopy(base)}
-    with torch.no_grad():  # the chaos reference: the baseline nudged by NUDGE (relative) in every tensor
-        gn = torch.Generator().manual_seed(seed + 1)
-        for p in models["ref"].parameters():
-            noise = torch.randn(p.shape, dtype=p.dtype, generator=gn)
-            p.add_(noise * (NUDGE * float(p.norm()) / max(float(noise.norm()), 1e-300)))
-    if network == "invariant":
-        # The real detector decides, as in training; the check fails if it finds nothing.
-        groups_sgd, report = param_groups(models["sgd"], xs[0], lr=lr, weight_decay=oc.weight_decay,
-                                          plain_weight_decay=oc.plain_weight_decay, tol=oc.invariance_check_tol)
-        invariant = report.names("invariant")
-        if not invariant:
-            raise RuntimeError("verify: the invariance detector found no scale-invariant weights in the check net")
-        groups_exp = _groups(models["expsgd"], invariant, lr, oc.weight_decay, plain_wd)
-        groups_sgd = _groups(models["sgd"], invariant, lr, oc.weight_decay, plain_wd)
-        groups_ref = _groups(models["ref"], invariant, lr, oc.weight_decay, plain_wd)
-        on_renorm = running_stats_rescaler(models["expsgd"], report, groups_exp)
-    else:
-        invariant = [n for n, p in base.named_parameters() if n.startswith("conv")]
-        groups_sgd = _groups(models["sgd"], invariant, lr, oc.weight_decay, plain_wd)
-        groups_exp = _groups(models["expsgd"], invariant, lr, oc.weight_decay, plain_wd)
-        groups_ref = _groups(models["ref"], invariant, lr, oc.weight_decay, plain_wd)
-        on_renorm = None
-    opt = {
-        "sgd": torch.optim.SGD(groups_sgd, lr=lr, momentum=oc.momentum, weight_decay=oc.weight_decay,
-                               nesterov=oc.nesterov),
-        "expsgd": ExpSGD(groups_exp, lr=lr, momentum=oc.momentum, weight_decay=oc.weight_decay,
-                         nesterov=oc.nesterov, renorm_every=renorm_every, renorm_band=oc.renorm_band,
-                         on_renorm=on_renorm),
-        "ref": torch.optim.SGD(groups_ref, lr=lr, momentum=oc.momentum, weight_decay=oc.weight_decay,
-                               nesterov=oc.nesterov),
-    }
-    sched = {a: ParamGroupScheduler(o, build_schedule(cfg.schedule, spe, total)) for a, o in opt.items()}
+    models = _models(network, seed)
+    arms, invariant = _arms(cfg, models, network, xs[0], renorm_every=renorm_every, spe=spe, total=total)
+    plain_wd = oc.weight_decay if oc.plain_weight_decay is None else oc.plain_weight_decay
     log(f"verify: {network} net, float64, {total} steps ({cfg.run.epochs} epochs x {spe} steps), "
-        f"lr {lr:g} momentum {oc.momentum:g} weight decay {oc.weight_decay:g} (plain {plain_wd:g}), "
+        f"lr {config_lr(cfg):g} momentum {oc.momentum:g} weight decay {oc.weight_decay:g} (plain {plain_wd:g}), "
         f"schedule {cfg.schedule.kind}, renorm every {renorm_every}"
         f"{'' if renorm_every == oc.renorm_every else f' (config: {oc.renorm_every}, more than the run)'}"
         f" / band {oc.renorm_band:g}; "
         f"{len(invariant)} tensors {'claimed ' if network == 'noninvariant' else ''}invariant")
 
     every = max(1, total // 50)
-    history = []
-
-    def gaps(a: str, b: str) -> tuple:
-        pa = dict(models[a].named_parameters())
-        pb = dict(models[b].named_parameters())
-        d = max(direction_gap(pa[n], pb[n]) for n in invariant)
-        pl = max((_rel(pa[n].detach(), pb[n].detach()) for n in pa if n not in invariant), default=0.0)
-        out = _rel(probe_logits(models[a], probe)["logits"], probe_logits(models[b], probe)["logits"])
-        if not all(math.isfinite(v) for v in (d, pl, out)):
-            return math.inf, math.inf, math.inf
-        return d, pl, out
-
     for m in models.values():
         m.train()
-    history.append((0, *gaps("sgd", "expsgd"), max(gaps("sgd", "ref"))))
+    history = [_measure(models, invariant, probe, 0)]
     for step in range(total):
-        x, y = xs[step % NUM_BATCHES], ys[step % NUM_BATCHES]
-        for a in ("sgd", "expsgd", "ref"):
-            loss = F.cross_entropy(models[a](x), y)
-            opt[a].zero_grad(set_to_none=True)
-            loss.backward()
-            opt[a].step()
-            sched[a].step()
+        step_together(arms, xs[step % NUM_BATCHES], ys[step % NUM_BATCHES])
         if (step + 1) % every == 0 or step + 1 == total:
-            h = (step + 1, *gaps("sgd", "expsgd"), max(gaps("sgd", "ref")))
-            history.append(h)
+            history.append(_measure(models, invariant, probe, step + 1))
+            h = history[-1]
             if not h[4] <= REF_HORIZON or math.isinf(max(h[1:4])):
                 break  # chaos has erased the starting point (or a run blew up): nothing more to learn
-    renorms = sum(int(s.get("renorm_count", 0)) for s in opt["expsgd"].group_stats())
-    return judge(history, total=total, spe=spe, invariant=list(invariant), renorms=renorms,
+    renorms = sum(int(s.get("renorm_count", 0)) for s in arms["expsgd"].optimizer.group_stats())
+    return judge(history, total=total, spe=spe, invariant=invariant, renorms=renorms,
                  seconds=time.perf_counter() - t0)
 
 
@@ -280,26 +283,3 @@ def format_result(res: VerifyResult) -> str:
                      "weights handed to ExpSGD as scale invariant are not (a missing norm layer, a bias or "
                      "classifier among them), or the exp-LR recursion / renormalisation is broken.")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def add_arguments(parser) -> None:
-    from bigexp.config import add_config_arguments
-
-    add_config_arguments(parser)
-    parser.add_argument("--network", choices=["invariant", "noninvariant"], default="invariant",
-                        help="noninvariant: no norm layers, conv weights still claimed invariant (must FAIL)")
-
-
-def run(args) -> int:
-    from bigexp.config import ConfigError, config_from_args_or_exit
-
-    cfg = config_from_args_or_exit(args)
-    try:
-        res = verify(cfg, network=args.network)
-    except ConfigError as e:
-        print(f"bigexp: config error: {e}", file=sys.stderr)
-        return 2
-    out = format_result(res)
-    print(out, file=sys.stdout if res.passed else sys.stderr)
-    return 0 if res.passed else 1

@@ -4,6 +4,8 @@
 
 * A file may say `base: other.yaml` (relative to that file). Bases chain recursively; the base is
   applied first, then the file on top. Mappings merge key by key; lists and scalars replace.
+* Only `base:` is resolved against the file. Path-valued keys (run.out_dir, data.*_source, data.*_beton) are
+  kept as written: relative ones are taken from the working directory when used (see `bigexp.config.schema`).
 * Overrides `KEY.PATH=VALUE` apply last, in order; VALUE is parsed as a YAML scalar or flow list
   (`0.2`, `null`, `[30, 60]`). For str fields the text is kept as typed (`run.name=001`).
 * Every key remembers which file (or "command line") set it last, so errors can say where to look.
@@ -122,8 +124,11 @@ def _read_yaml_file(path: str, named_by: str | None) -> dict:
     if os.path.isdir(path):
         raise ConfigError(f"{shown}: is a directory, not a YAML config file")
     if not os.path.isfile(path):
-        what = "config file" if named_by is None else f"base file (named by `base:` in {named_by})"
-        raise ConfigError(f"{shown}: {what} not found")
+        if named_by is None:
+            raise ConfigError(f"{shown}: config file not found")
+        folder = os.path.dirname(named_by) or "."
+        raise ConfigError(f"{shown}: base file (named by `base:` in {named_by}) not found (`base:` paths are "
+                          f"relative to the folder of the file that names them, {folder}/)")
     try:
         with open(path, encoding="utf-8") as fh:
             tree = yaml_load(fh.read())

@@ -5,11 +5,21 @@ Field metadata carries what the validator checks beyond the type:
   choices             allowed values (for str fields; for list fields, of each item)
 The cross-field checks (batch divisible by ranks x accumulation, the exponential form's existence
 condition) live in `bigexp.config.validate`, which names the key path and the file it came from.
+
+Paths: `base:` is resolved against the file that names it (`bigexp.config.load`); every path-valued key
+(run.out_dir, data.train_source, data.val_source, data.train_beton, data.val_beton) is used as given, so a
+relative one is taken from the WORKING DIRECTORY of the command, not from the config file's folder. The shipped
+configs (data/fmnist_train.beton, runs) therefore expect to be run from the repository root.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
+
+
+# Appended to the help of every path-valued key (see the module docstring).
+RELATIVE_TO_CWD = ("A relative path is taken from the working directory, not from the config file's folder "
+                   "(only base: is relative to the file).")
 
 
 def f(default, help: str, **checks):
@@ -23,7 +33,8 @@ def f(default, help: str, **checks):
 @dataclass
 class RunConfig:
     name: str = f("run", "Run name; the run directory is <out_dir>/<name>.")
-    out_dir: str = f("runs", "Where run directories (TensorBoard events, checkpoints, resolved config) go.")
+    out_dir: str = f("runs", "Where run directories (TensorBoard events, checkpoints, resolved config) go. "
+                             + RELATIVE_TO_CWD)
     seed: int = f(0, "Seed for weights, data order and augmentation.", ge=0)
     epochs: int = f(1, "Training epochs.", gt=0)
     max_steps: Optional[int] = f(None, "Stop after this many optimizer steps (smoke tests); null = all epochs.", gt=0)
@@ -43,11 +54,12 @@ class DataConfig:
     train_source: str = f("/usr/share/datasets/fashion-mnist",
                           "What `bigexp data write` reads for training: the Fashion-MNIST idx directory "
                           "(train split), or an ImageFolder root <root>/<wnid>/*.JPEG for imagenet. "
-                          "Relative paths are relative to the working directory.")
+                          + RELATIVE_TO_CWD)
     val_source: str = f("/usr/share/datasets/fashion-mnist",
-                        "Same for validation (Fashion-MNIST: the t10k split of that directory).")
-    train_beton: str = f("data/fmnist_train.beton", "FFCV file for training (written if missing and write_missing).")
-    val_beton: str = f("data/fmnist_test.beton", "FFCV file for validation.")
+                        "Same for validation (Fashion-MNIST: the t10k split of that directory). " + RELATIVE_TO_CWD)
+    train_beton: str = f("data/fmnist_train.beton", "FFCV file for training (written if missing and write_missing). "
+                         + RELATIVE_TO_CWD)
+    val_beton: str = f("data/fmnist_test.beton", "FFCV file for validation. " + RELATIVE_TO_CWD)
     write_missing: bool = f(True, "Write the .beton files from `source` when they do not exist.")
     batch_size: int = f(256, "Global batch size: across all ranks and accumulation steps.", gt=0)
     num_workers: int = f(2, "FFCV decoding threads per rank.", ge=1)

@@ -6,8 +6,9 @@ Every error names the full key path, the offending value, the rule, and where th
     optim.momentum = 1.5 (from configs/fmnist/step.yaml): must be < 1
 
 All errors found are collected into one `ConfigError` (its `.errors` holds them one per item).
-The math of the exponential-LR existence condition lives in pure functions here
-(`effective_lr`, `exp_lr_bound`, `exp_lr_exists`) so it can be tested without an optimizer.
+The exponential-LR existence condition and the batch-scaled LR are not defined here: they live in
+`bigexp.optim.expmath` (pure functions, no torch) and are imported, so what validates is exactly what the
+optimizer accepts. `exp_lr_bound` / `exp_lr_exists` are this package's names for expmath's functions.
 """
 from __future__ import annotations
 
@@ -19,33 +20,16 @@ from typing import Any, Mapping, Optional
 
 from bigexp.config.schema import Config
 from bigexp.errors import ConfigError  # noqa: F401  (re-exported: raised here, caught by the CLI)
+from bigexp.optim.expmath import effective_lr, exp_form_bound, exp_form_exists
 
 DEFAULT_SOURCE = "default"
 
 
-# ----------------------------------------------------------------------------- the math (pure)
+# ----------------------------------------------------------------------------- the exp-LR rule (from expmath)
 
-def effective_lr(lr: float, batch_size: int, lr_reference_batch: Optional[int]) -> float:
-    """Peak LR actually used: lr, times batch_size / lr_reference_batch when that is set (linear scaling)."""
-    return lr if lr_reference_batch is None else lr * batch_size / lr_reference_batch
-
-
-def exp_lr_bound(momentum: float) -> float:
-    """(1 - sqrt(γ))²: the largest ηλ for which x² - (1+γ-ηλ)x + γ has a real root (γ in [0, 1))."""
-    return (1.0 - math.sqrt(momentum)) ** 2
-
-
-def exp_lr_exists(lr: float, weight_decay: float, momentum: float) -> bool:
-    """Whether SGD(lr η, momentum γ, weight decay λ) has an exponential-LR equivalent.
-
-    The equivalent growth rate solves x² - (1+γ-ηλ)x + γ = 0; its discriminant (1+γ-ηλ)² - 4γ is
-    >= 0 with a positive root exactly when ηλ <= (1-√γ)² (for ηλ >= 0). Equality is a double root,
-    allowed except at γ = 0 where the root 1 - ηλ would be 0. Same rule, exactly (no slack), as
-    `bigexp.optim.expmath.exp_form_exists`, so what validates here is what the optimizer accepts.
-    """
-    bound = exp_lr_bound(momentum)
-    x = lr * weight_decay
-    return x < bound or (x == bound and momentum > 0.0)
+# Public names of bigexp.config since before the rule moved; the same function objects, not copies.
+exp_lr_bound = exp_form_bound
+exp_lr_exists = exp_form_exists
 
 
 def _num(x: float) -> str:
@@ -274,7 +258,7 @@ def validate(cfg: Config, *, world_size: int | None = None) -> None:
     Re-checks every field (a Config may have been edited in code), then the cross-field rules:
     milestones sorted and within (0, run.epochs]; min_res <= max_res; end_ramp >= start_ramp;
     data.batch_size divisible by world_size × engine.grad_accum (only when world_size is given);
-    expsgd refuses nesterov; expsgd needs ηλ <= (1-√γ)² (see `exp_lr_exists`).
+    expsgd refuses nesterov; expsgd needs ηλ <= (1-√γ)² (`bigexp.optim.expmath.exp_form_exists`).
     """
     if not isinstance(cfg, Config):
         raise ConfigError(f"expected a bigexp Config, got {type(cfg).__name__}")
@@ -357,9 +341,12 @@ def exp_lr_condition_error(lr: float, batch_size: int, lr_reference_batch: Optio
     `weight_decay_follows_lr` ηλ scales by the factor squared, so the peak is the binding case.
     """
     eta = effective_lr(lr, batch_size, lr_reference_batch)
-    if exp_lr_exists(eta, weight_decay, momentum):
-        return None
-    prod, bound = _pair(eta * weight_decay, exp_lr_bound(momentum))
+    try:
+        if exp_form_exists(eta, weight_decay, momentum):
+            return None
+    except ValueError:  # eta overflowed to inf (a huge lr × batch / reference): no exponential form either
+        pass
+    prod, bound = _pair(eta * weight_decay, exp_form_bound(momentum))
     if lr_reference_batch is None:
         lhs = f"optim.lr × optim.weight_decay = {_num(lr)} × {_num(weight_decay)}"
     else:

@@ -1,21 +1,22 @@
-"""FFCV data pipeline: writing .beton files (`write`, `fmnist`) and the loaders built on them (`loaders`).
+"""FFCV data pipeline: writing .beton files and the loaders built on them.
 
-Names are imported lazily so `bigexp data --help` does not pay for torch / ffcv imports.
+  beton.py        what every .beton shares: fields, the atomic writer that cannot hang, class list, check_beton
+  imagefolder.py  ImageFolder tree (ImageNet layout) -> .beton
+  fmnist.py       Fashion-MNIST idx files -> .beton
+  ensure.py       ensure_betons: the files a config needs, rank 0 writes, the others wait
+  loaders.py      the FFCV train/val loaders (sharded, resumable order)     -- NOT imported here
+  augment.py      seeded crop/flip inside FFCV's pipeline (used by loaders)  -- NOT imported here
+  cli.py          `bigexp data ...`
+
+Importing this package costs numpy only (ffcv is imported inside the writers, on first use), so `bigexp data
+--help` stays fast. loaders imports torch at module level (4-7 s on a 2-core box), so it is left out: import it
+as `from bigexp.data.loaders import build_train_loader`.
 """
-import importlib
+from bigexp.data.beton import DataError, WriteResult, check_beton, classes_path_for, import_ffcv
+from bigexp.data.ensure import ensure_betons
+from bigexp.data.fmnist import FMNIST_MEAN, FMNIST_STD, load_split, read_idx, write_fashion_mnist
+from bigexp.data.imagefolder import scan_imagefolder, write_imagefolder
 
-_EXPORTS = {
-    "bigexp.data.write": ["DataError", "WriteResult", "check_beton", "classes_path_for", "ensure_betons",
-                          "scan_imagefolder", "write_imagefolder"],
-    "bigexp.data.fmnist": ["FMNIST_MEAN", "FMNIST_STD", "load_split", "read_idx", "write_fashion_mnist"],
-    "bigexp.data.loaders": ["IMAGENET_MEAN", "IMAGENET_STD", "TrainLoader", "ValLoader", "build_train_loader",
-                            "build_val_loader", "resolution_for_epoch", "train_epoch_indices", "val_indices"],
-}
-_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name):
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'bigexp.data' has no attribute {name!r}")
+__all__ = ["DataError", "WriteResult", "check_beton", "classes_path_for", "import_ffcv", "ensure_betons",
+           "FMNIST_MEAN", "FMNIST_STD", "load_split", "read_idx", "write_fashion_mnist", "scan_imagefolder",
+           "write_imagefolder"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bigexp.data.write import import_ffcv
+from bigexp.data.beton import import_ffcv
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 64) - 1
@@ -107,8 +107,6 @@ def crop_params(seed: int, epoch: int, sample: int, height: int, width: int, sca
 
 def _decoder_class():
     import_ffcv()
-    from dataclasses import replace
-
     from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.pipeline.allocation_query import AllocationQuery

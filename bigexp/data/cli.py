@@ -10,7 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bigexp.data.write import WRITE_MODES
+from bigexp.config import ConfigError, load_config
+from bigexp.data.beton import WRITE_MODES
+from bigexp.data.ensure import ensure_betons
+from bigexp.data.fmnist import write_fashion_mnist
+from bigexp.data.imagefolder import write_imagefolder
+from bigexp.errors import DataError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,12 +55,9 @@ def _report(res) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bigexp.data.write import DataError
-
     progress = not args.no_progress
     try:
         if args.data_cmd == "imagefolder":
-            from bigexp.data.write import write_imagefolder
             res = write_imagefolder(args.src, args.out, max_res=args.max_res, jpeg_quality=args.jpeg_quality,
                                     compress_probability=args.compress_probability,
                                     write_mode=args.write_mode, num_workers=args.num_workers,
@@ -64,15 +66,12 @@ def run(args: argparse.Namespace) -> int:
             for p in res.skipped:
                 print(f"  skipped {p}")
         elif args.data_cmd == "fmnist":
-            from bigexp.data.fmnist import write_fashion_mnist
             splits = ["train", "test"] if args.split == "both" else [args.split]
             for split in splits:
                 _report(write_fashion_mnist(args.idx_dir, args.out_dir, size=args.size, split=split,
                                             limit=args.limit, num_workers=args.num_workers,
                                             progress=progress))
         else:
-            from bigexp.config import ConfigError, load_config
-            from bigexp.data.write import ensure_betons
             try:
                 cfg = load_config(args.config, list(args.overrides))
             except ConfigError as exc:

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import math
 import queue
-from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
-from bigexp.data.write import DataError, check_beton, import_ffcv
+from bigexp.data.beton import check_beton, import_ffcv
+from bigexp.errors import DataError
 
 # ImageNet channel statistics of pixels in [0, 1] (torchvision / FFCV recipes).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

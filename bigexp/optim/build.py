@@ -12,6 +12,9 @@ from typing import Callable, Optional
 import torch
 
 from bigexp.config.schema import Config
+from bigexp.optim.expmath import effective_lr
+from bigexp.optim.expsgd import ExpSGD
+from bigexp.optim.invariance import param_groups, running_stats_rescaler
 
 
 @dataclass
@@ -23,20 +26,15 @@ class BuiltOptimizer:
     group_names: list
 
 
-def effective_lr(cfg: Config) -> float:
-    """optim.lr after linear batch scaling (lr × batch / lr_reference_batch), the η the math uses."""
-    lr = cfg.optim.lr
-    if cfg.optim.lr_reference_batch:
-        lr = lr * cfg.data.batch_size / cfg.optim.lr_reference_batch
-    return lr
+def config_lr(cfg: Config) -> float:
+    """optim.lr after linear batch scaling, the η the math uses (`expmath.effective_lr` of the config's numbers)."""
+    return effective_lr(cfg.optim.lr, cfg.data.batch_size, cfg.optim.lr_reference_batch)
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, example_input: torch.Tensor) -> BuiltOptimizer:
-    from bigexp.optim.expsgd import ExpSGD
-    from bigexp.optim.invariance import param_groups, running_stats_rescaler
-
+    """The arm `cfg.optim.optimizer` names, over param groups found by `param_groups` (see the module docstring)."""
     oc = cfg.optim
-    lr = effective_lr(cfg)
+    lr = config_lr(cfg)
     groups, report = param_groups(model, example_input, lr=lr, weight_decay=oc.weight_decay,
                                   plain_weight_decay=oc.plain_weight_decay, tol=oc.invariance_check_tol)
     # DeepSpeed silently drops empty groups, which would shift the group indices on_renorm receives.

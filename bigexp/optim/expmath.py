@@ -29,11 +29,12 @@ by c, multiplying the momentum buffers by c and A_t by c leaves the trajectory u
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 __all__ = [
+    "effective_lr",
     "exp_form_bound",
     "exp_form_exists",
     "alpha",
@@ -63,6 +64,12 @@ def _check_lr_wd(lr: float, weight_decay: float) -> None:
         raise ValueError(f"weight_decay must be finite and >= 0, got {weight_decay!r}")
 
 
+def effective_lr(lr: float, batch_size: int, lr_reference_batch: Optional[int]) -> float:
+    """The peak LR eta the math uses: lr, times batch_size / lr_reference_batch when that is set (linear
+    scaling of the LR with the global batch). The config validator and `bigexp.optim.build` both call this."""
+    return lr if lr_reference_batch is None else lr * batch_size / lr_reference_batch
+
+
 def exp_form_bound(momentum: float) -> float:
     """The largest lr*weight_decay for which the constant-LR exponential form exists: (1 - sqrt(gamma))**2."""
     _check_momentum(momentum)
@@ -73,7 +80,8 @@ def exp_form_exists(lr: float, weight_decay: float, momentum: float) -> bool:
     """Whether x**2 - (1+gamma-lambda*eta)*x + gamma = 0 has a real positive root (alpha).
 
     True iff lambda*eta <= (1-sqrt(gamma))**2, except that with gamma = 0 the root 1 - lambda*eta must also be
-    > 0 (equality there would make A_t = 0: no finite equivalent run).
+    > 0 (equality there would make A_t = 0: no finite equivalent run). The config validator checks this very
+    function (`bigexp.config.exp_lr_exists` is it), so what validates is what the optimizer accepts.
     """
     _check_lr_wd(lr, weight_decay)
     bound = exp_form_bound(momentum)

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -22,13 +23,9 @@ import torch
 from bigexp.errors import CheckpointError  # noqa: F401  (re-exported)
 from bigexp.atomic import fsync_dir, write_text_atomic
 from bigexp.run.distributed import DistContext
+from bigexp.run.faults import NO_FAULTS, Faults
 
 MANIFEST = "manifest.json"
-# Test-only fault injection (tests/test_reliability_checkpoint.py): the save of this global step sleeps (an hour)
-# after every rank has written its files and before the manifest and the rename, so a test can kill it there.
-_TEST_SLEEP_IN_SAVE_AT_STEP = int(os.environ.get("BIGEXP_TEST_SLEEP_IN_SAVE_AT_STEP", "0"))
-
-
 
 
 def _sha256(path: Path) -> str:
@@ -81,10 +78,11 @@ def verify_checkpoint(path: Path, *, deep: bool = True) -> dict:
 
 
 class CheckpointManager:
-    def __init__(self, root: Path, ctx: DistContext, keep: int = 3):
+    def __init__(self, root: Path, ctx: DistContext, keep: int = 3, faults: Faults = NO_FAULTS):
         self.root = Path(root)
         self.ctx = ctx
         self.keep = keep
+        self.faults = faults
 
     @staticmethod
     def tag(global_step: int) -> str:
@@ -114,9 +112,8 @@ class CheckpointManager:
         torch.save(local, tmp / f"rng_rank{self.ctx.rank}.pt")
         self.ctx.barrier()
         final = self.root / tag
-        if self.ctx.is_main and global_step == _TEST_SLEEP_IN_SAVE_AT_STEP:
-            import time
-            time.sleep(3600)
+        if self.ctx.is_main and self.faults.sleep_in_save_at_step == global_step:
+            time.sleep(3600)  # test-only (bigexp.run.faults): held here, between the files and the manifest
         if self.ctx.is_main:
             files = {}
             for f in sorted(tmp.rglob("*")):

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.rendezvous import rendezvous
 
 
 @dataclass
@@ -52,11 +55,45 @@ class DistContext:
         return box[0]
 
 
+def process_group_backend(device_type: str) -> str:
+    """The backend string for init_process_group. On GPU both: NCCL for CUDA tensors and gloo for any CPU tensor, so a
+    stray CPU collective (a flag, a metric) runs instead of killing the job; `DeviceCheck` in the tests finds them."""
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a test's or bench's own torchrun rendezvous).
+
+    The OS picks it (bind to port 0); it can be taken again before the caller binds it, so use it at once.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _env_int(*names: str, default: int) -> int:
     for n in names:
         if os.environ.get(n, "") != "":
             return int(os.environ[n])
     return default
+
+
+def launcher_world_size() -> int:
+    """The number of ranks the launcher started (WORLD_SIZE, else SLURM_NTASKS under a bare srun, else 1), known
+    before any process group exists: config validation needs it first."""
+    return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+
+
+def rank_threads(requested: int, local_world_size: int) -> int:
+    """torch CPU threads for this rank: `requested` (run.threads) when > 0, else this node's cores shared evenly
+    among its ranks (at least 1)."""
+    return requested or max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+
+
+def reset_threads(n: int) -> None:
+    """Set torch's CPU thread count back to n. FFCV changes it behind the caller's back (its compiler sets numba's
+    and torch's thread count) when it builds loaders and on iter(loader), so call this after each of those."""
+    torch.set_num_threads(n)
 
 
 def init_distributed(device: str = "auto") -> DistContext:
@@ -66,7 +103,7 @@ def init_distributed(device: str = "auto") -> DistContext:
     we read SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and expect MASTER_ADDR/MASTER_PORT from the sbatch script.
     """
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    world = launcher_world_size()
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
     local_world = _env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=world)
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
@@ -87,7 +124,7 @@ def init_distributed(device: str = "auto") -> DistContext:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29500")
         timeout = datetime.timedelta(minutes=int(os.environ.get("BIGEXP_DIST_TIMEOUT_MIN", "30")))
-        backend = "nccl" if use_cuda else "gloo"
+        backend = process_group_backend("cuda" if use_cuda else "cpu")
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
         if world == 1:
             # DeepSpeed wants a process group even for one rank. An in-process store needs no port: an inherited
@@ -98,8 +135,6 @@ def init_distributed(device: str = "auto") -> DistContext:
             # dead group's keys (gloo/nccl addresses of every process group). Unprefixed, the new ranks read those and
             # connect to dead ports: "connectFullMesh failed ... Connection refused", or a hang. One prefix per
             # attempt keeps them apart; every later group (DeepSpeed's new_group) inherits it from the default store.
-            from torch.distributed.rendezvous import rendezvous
-
             store, _, _ = next(rendezvous("env://", rank, world, timeout=timeout))
             store = dist.PrefixStore(f"bigexp/attempt{restart}", store)
             dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
@@ -128,8 +163,6 @@ def exit_process(code: int) -> None:
     active exception` after a clean `destroy_process_group`, turning a finished run red. Everything we own is
     flushed and closed by now, so skipping the destructors loses nothing.
     """
-    import sys
-
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -14,13 +14,28 @@ from typing import Callable
 import torch
 
 from bigexp.config.schema import Config
+from bigexp.errors import ConfigError
 from bigexp.run.distributed import DistContext
+
+# engine.precision -> the dtype of the model's inputs (and of the loaders' output): the one map, used by the loop too.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of an `engine.precision` value ('fp32', 'bf16', 'fp16')."""
+    return DTYPES[precision]
+
+
+def micro_batch_size(cfg: Config, world_size: int) -> int:
+    """Samples per rank per micro-step: data.batch_size (global, per optimizer step) over ranks and accumulation.
+    `bigexp.config.validate` has checked that it divides evenly."""
+    return cfg.data.batch_size // (world_size * cfg.engine.grad_accum)
 
 
 def deepspeed_config(cfg: Config, *, world_size: int) -> dict:
     """DeepSpeed's JSON config for one run. Batch sizes are checked by `bigexp.config.validate` beforehand."""
     eng = cfg.engine
-    micro = cfg.data.batch_size // (world_size * eng.grad_accum)
+    micro = micro_batch_size(cfg, world_size)
     ds: dict = {
         "train_batch_size": cfg.data.batch_size,
         "train_micro_batch_size_per_gpu": micro,
@@ -52,6 +67,7 @@ def masters_are_sharded(engine) -> bool:
 
     Then a group's norm needs the sum of squares from every data-parallel rank.
     """
+    # deepspeed is imported only once an engine exists: importing it costs seconds (CLI start, config errors).
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
@@ -79,10 +95,10 @@ class Engine:
 def build_engine(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  make_scheduler: Callable[[torch.optim.Optimizer], object], ctx: DistContext) -> Engine:
     """Wrap model + client optimizer in a DeepSpeed engine; wire ExpSGD's norm reduction when masters are sharded."""
-    import deepspeed
+    import deepspeed  # seconds to import: only here, so `bigexp --help` and config errors stay fast
 
     if cfg.engine.precision == "fp16" and ctx.device.type != "cuda":
-        raise ValueError("engine.precision = fp16 needs a GPU (DeepSpeed's fp16 path has no CPU kernels); "
+        raise ConfigError("engine.precision = fp16 needs a GPU (DeepSpeed's fp16 path has no CPU kernels); "
                          "use bf16 on CPU")
     # DeepSpeed broadcasts params as byte views and flattens them into shards: both need contiguous storage, so
     # channels-last weights are made contiguous here. Inputs stay channels-last, which still picks NHWC kernels.
@@ -97,5 +113,5 @@ def build_engine(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Opt
     sharded = masters_are_sharded(engine)
     if sharded and hasattr(optimizer, "norm_reduce"):
         optimizer.norm_reduce = ctx.all_reduce_sum
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.engine.precision]
-    return Engine(ds=engine, client_optimizer=optimizer, scheduler=scheduler, dtype=dtype, sharded=sharded)
+    return Engine(ds=engine, client_optimizer=optimizer, scheduler=scheduler,
+                  dtype=precision_dtype(cfg.engine.precision), sharded=sharded)

@@ -1,34 +1,42 @@
-"""`bigexp train --config X [overrides]`: one arm (torch SGD baseline or ExpSGD) under DeepSpeed, FFCV data.
+"""The training loop of one arm (torch SGD baseline or ExpSGD) under DeepSpeed, FFCV data; `bigexp train` runs it.
 
-Runs alone, under torchrun (single/multi-node), the deepspeed launcher, or srun. Read `train()` top to bottom:
-setup -> data -> model -> optimizer/schedule -> engine -> resume -> epochs of (steps, eval, checkpoint) -> finish.
+Read `train()` top to bottom: setup -> data -> model and optimizer -> resume -> epochs of (steps, end of epoch) ->
+finish. Each phase is one helper below it, in that order. What they share is a `Run` (what the run is built from,
+filled in by the setup phases, then fixed) and a `LoopState` (where the run is: the part a checkpoint records).
+The order of the setup phases is part of reproducibility: the model's init and the invariance check's example batch
+draw from the seeded torch RNG, so a resumed run rebuilds exactly the model it checkpointed.
 """
 from __future__ import annotations
 
-import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
+from tqdm import tqdm
 
+from bigexp.config import save_resolved, to_dict, validate
 from bigexp.config.schema import Config
+from bigexp.data.ensure import ensure_betons
+from bigexp.data.loaders import build_train_loader, build_val_loader
 from bigexp.errors import ConfigError, NonFiniteLossError
 from bigexp.memory_format import check_cpu_channels_last, resolve_memory_format
+from bigexp.models import build_model
+from bigexp.optim.build import BuiltOptimizer, build_optimizer, group_stats
+from bigexp.optim.schedules import ParamGroupScheduler, build_schedule
+from bigexp.run.checkpoint import CheckpointManager, model_signature
+from bigexp.run.distributed import DistContext, init_distributed, rank_threads, reset_threads
+from bigexp.run.engine import Engine, build_engine, micro_batch_size, precision_dtype
+from bigexp.run.faults import Faults
+from bigexp.run.metrics import (EVENTS_RENORM, RENORM_COUNT, TEXT_CONFIG, TEXT_INVARIANCE, TRAIN_EPOCH,
+                                TRAIN_GRAD_NORM, TRAIN_IMG_PER_S, TRAIN_LOSS, TRAIN_LOSS_SCALE, TRAIN_STEP_TIME_S,
+                                VAL_LOSS, VAL_TOP1, VAL_TOP5, TBLogger, hparam_tag, opt_stat)
 from bigexp.run.signals import PreemptionFlag
 from bigexp.run.step import evaluate, grad_norm, sync_batchnorm_stats, train_micro_step
 
-
-
-
-# Test-only fault injection (tests/test_reliability*.py), read once; unset in real runs.
-#   BIGEXP_TEST_NAN_AT_STEP=N     step N (1-based, as logged) gets NaN inputs, so its loss is NaN
-#   BIGEXP_TEST_STEP_DELAY_S=S    sleep S seconds after each step, so a test can signal a run mid-flight
-_TEST_NAN_AT_STEP = int(os.environ.get("BIGEXP_TEST_NAN_AT_STEP", "0"))
-_TEST_STEP_DELAY_S = float(os.environ.get("BIGEXP_TEST_STEP_DELAY_S", "0"))
+StepHook = Callable[[int, Engine], None]
 
 
 @dataclass
@@ -41,253 +49,305 @@ class TrainResult:
     history: list = field(default_factory=list)   # per-epoch dicts (val metrics, train loss)
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-def add_arguments(parser) -> None:
-    from bigexp.config import add_config_arguments
-
-    add_config_arguments(parser)
-    parser.add_argument("--resume", default=None,
-                        help="'auto' (newest valid checkpoint of this run), 'never', or a checkpoint directory; "
-                             "overrides run.resume")
-
-
-def run(args) -> int:
-    from bigexp.config import config_from_args_or_exit
-
-    cfg = config_from_args_or_exit(args, world_size=int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1))))
-    if args.resume is not None:
-        cfg.run.resume = args.resume
-    from bigexp.run.checkpoint import CheckpointError
-    from bigexp.data.write import DataError
-    from bigexp.run.distributed import exit_process, shutdown_distributed
-
-    try:
-        train(cfg)
-    except NonFiniteLossError as e:
-        print(f"bigexp train: {e}", file=sys.stderr)
-        shutdown_distributed()
-        exit_process(3)
-    except (DataError, CheckpointError, ConfigError) as e:
-        # Bad input (a data file, a checkpoint): one line naming it, status 2 like a config error. No barrier on
-        # the way out: the other ranks may not have hit the same error and would never join one.
-        rank = os.environ.get("RANK", "0")
-        print(f"bigexp train: {'' if rank == '0' else f'[rank {rank}] '}{e}", file=sys.stderr, flush=True)
-        exit_process(2)
-    shutdown_distributed()
-    exit_process(0)
+@dataclass
+class LoopState:
+    """Where the run is. A checkpoint records (global_step, epoch, batch_in_epoch); a resume starts from them."""
+    global_step: int = 0       # optimizer steps taken; the step being taken is global_step + 1 (as logged)
+    epoch: int = 0
+    batch_in_epoch: int = 0    # micro-batches of `epoch` consumed (grad_accum of them per step)
+    last_renorms: Optional[float] = None  # renormalisations at the previous log line (not checkpointed)
 
 
-# ---------------------------------------------------------------------------------------------- helpers
+@dataclass
+class Run:
+    """What one run is built from: set by the setup phases of `train()`, read by the loop."""
+    cfg: Config
+    ctx: DistContext
+    run_dir: Path
+    threads: int                            # torch CPU threads of this rank (FFCV resets them: reset_threads)
+    faults: Faults
+    preempt: PreemptionFlag
+    step_hook: Optional[StepHook] = None
+    dtype: torch.dtype = torch.float32      # of the model's inputs (engine.precision)
+    train_loader: object = None
+    val_loader: object = None
+    steps_per_epoch: int = 0
+    schedule_steps: int = 0                 # what the LR schedule spans: every epoch, whatever run.max_steps says
+    total_steps: int = 0                    # where this run stops (run.max_steps, if sooner)
+    built: Optional[BuiltOptimizer] = None
+    engine: Optional[Engine] = None
+    signature: Optional[dict] = None        # the model's, which a checkpoint must match
+    ckpt: Optional[CheckpointManager] = None
+    tb: Optional[TBLogger] = None
 
-def _set_threads(cfg: Config, ctx) -> int:
-    n = cfg.run.threads or max(1, (os.cpu_count() or 1) // max(1, ctx.local_world_size))
-    torch.set_num_threads(n)
-    return n
+
+@dataclass
+class _LogWindow:
+    """Sums since the previous log line: the logged loss is their mean over every rank, img/s their rate."""
+    loss_sum: float = 0.0
+    loss_n: int = 0
+    imgs: int = 0
+    t0: float = field(default_factory=time.perf_counter)
 
 
-# ---------------------------------------------------------------------------------------------- train
-def train(cfg: Config, *, ctx=None, logger=None, step_hook=None) -> TrainResult:
+def train(cfg: Config, *, ctx: Optional[DistContext] = None, logger: Optional[TBLogger] = None,
+          step_hook: Optional[StepHook] = None, faults: Optional[Faults] = None) -> TrainResult:
     """Train one arm. `step_hook(global_step, engine)` runs after every optimizer step (compare/probes, tests),
-    and once with global_step 0 before the first step of a fresh (not resumed) run: the initial state."""
-    from bigexp.run.checkpoint import CheckpointManager, model_signature
-    from bigexp.config import save_resolved, to_dict, validate
-    from bigexp.data.loaders import build_train_loader, build_val_loader
-    from bigexp.data.write import ensure_betons
-    from bigexp.run.distributed import init_distributed
-    from bigexp.run.engine import build_engine
-    from bigexp.models import build_model
-    from bigexp.optim.build import build_optimizer, group_stats
-    from bigexp.optim.schedules import ParamGroupScheduler, build_schedule
-    from bigexp.run.metrics import TBLogger
+    and once with global_step 0 before the first step of a fresh (not resumed) run: the initial state.
+    `logger`: the caller's (it closes it); `faults`: test-only hooks, by default from the environment."""
+    run = _setup(cfg, ctx, faults or Faults.from_env(), step_hook)
+    _build_data(run)
+    _build_model_and_optimizer(run)
+    state, resumed_from = _resume(run)
+    _open_run_dir(run)
+    run.tb = logger or TBLogger(run.run_dir, enabled=cfg.log.tensorboard and run.ctx.is_main)
+    if run.ctx.is_main and resumed_from is None:
+        _log_texts(run)
+    run.preempt.install()
+    result = TrainResult(run_dir=run.run_dir, global_step=state.global_step, epoch=state.epoch)
 
-    # --- setup: ranks, threads, seeds (the run directory is written only once data and checkpoint have loaded)
+    run.engine.ds.train()
+    if step_hook is not None and state.global_step == 0:
+        step_hook(0, run.engine)  # bigexp compare's equivalence gap at step 0 (both arms start identical)
+    while state.epoch < cfg.run.epochs and state.global_step < run.total_steps:
+        if _train_epoch(run, state):
+            result.preempted = True
+            break
+        _end_of_epoch(run, state, result)
+
+    run.preempt.restore()
+    _finish(run, state, result, close_logger=logger is None)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def _setup(cfg: Config, ctx: Optional[DistContext], faults: Faults, step_hook: Optional[StepHook]) -> Run:
+    """Ranks, threads, seeds. The run directory is written only once data and checkpoint have loaded."""
     ctx = ctx or init_distributed(cfg.run.device)
     validate(cfg, world_size=ctx.world_size)
     resolve_memory_format(cfg, ctx.device)  # null channels-last keys -> the device's default, saved resolved
-    threads = _set_threads(cfg, ctx)
+    threads = rank_threads(cfg.run.threads, ctx.local_world_size)
+    reset_threads(threads)
     torch.manual_seed(cfg.run.seed)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    return Run(cfg=cfg, ctx=ctx, run_dir=Path(cfg.run.out_dir) / cfg.run.name, threads=threads, faults=faults,
+               preempt=PreemptionFlag(), step_hook=step_hook)
 
-    # --- data: FFCV files (written once, by rank 0), loaders sharded across ranks
+
+def _build_data(run: Run) -> None:
+    """FFCV files (written once, by rank 0), loaders sharded across ranks, and the run's length in steps."""
+    cfg, ctx = run.cfg, run.ctx
     ensure_betons(cfg.data, rank=ctx.rank, world_size=ctx.world_size, barrier=ctx.barrier,
                   progress=cfg.run.progress and ctx.is_main)
-    micro = cfg.data.batch_size // (ctx.world_size * cfg.engine.grad_accum)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.engine.precision]
-    train_loader = build_train_loader(cfg.data, batch_size=micro, rank=ctx.rank, world_size=ctx.world_size,
-                                      seed=cfg.run.seed, dtype=dtype, device=str(ctx.device))
-    val_loader = build_val_loader(cfg.data, batch_size=micro, rank=ctx.rank, world_size=ctx.world_size,
-                                  seed=cfg.run.seed, dtype=dtype, device=str(ctx.device))
-    torch.set_num_threads(threads)  # ffcv resets torch's thread count when it builds loaders
-    steps_per_epoch = len(train_loader) // cfg.engine.grad_accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"data.batch_size = {cfg.data.batch_size} is larger than the training set "
-                         f"({cfg.data.train_beton}): no full step per epoch")
+    micro = micro_batch_size(cfg, ctx.world_size)
+    run.dtype = precision_dtype(cfg.engine.precision)
+    run.train_loader = build_train_loader(cfg.data, batch_size=micro, rank=ctx.rank, world_size=ctx.world_size,
+                                          seed=cfg.run.seed, dtype=run.dtype, device=str(ctx.device))
+    run.val_loader = build_val_loader(cfg.data, batch_size=micro, rank=ctx.rank, world_size=ctx.world_size,
+                                      seed=cfg.run.seed, dtype=run.dtype, device=str(ctx.device))
+    reset_threads(run.threads)
+    run.steps_per_epoch = len(run.train_loader) // cfg.engine.grad_accum
+    if run.steps_per_epoch == 0:
+        raise ConfigError(f"data.batch_size = {cfg.data.batch_size} is larger than the training set "
+                          f"({cfg.data.train_beton}): no full step per epoch")
     # The schedule always spans all epochs: run.max_steps only stops early, so a run cut short and resumed
     # follows the same schedule as one that never stopped.
-    schedule_steps = cfg.run.epochs * steps_per_epoch
-    total_steps = min(schedule_steps, cfg.run.max_steps or schedule_steps)
+    run.schedule_steps = cfg.run.epochs * run.steps_per_epoch
+    run.total_steps = min(run.schedule_steps, cfg.run.max_steps or run.schedule_steps)
 
-    # --- model and optimizer: invariant groups found from the graph and checked numerically
+
+def _build_model_and_optimizer(run: Run) -> None:
+    """Model, param groups (invariant ones found from the graph and checked numerically), schedule, engine."""
+    cfg = run.cfg
     model = build_model(cfg.model)
-    check_cpu_channels_last(model, ctx.device, cfg.model.channels_last or cfg.data.channels_last)
+    check_cpu_channels_last(model, run.ctx.device, cfg.model.channels_last or cfg.data.channels_last)
+    # The invariance check runs at <= 64 px: its cost grows with the resolution, its answer does not.
     check_res = min(cfg.data.val_res, 64)
     example = torch.randn(4, 3, check_res, check_res)
     if cfg.model.channels_last:
         example = example.contiguous(memory_format=torch.channels_last)
-    built = build_optimizer(cfg, model, example)
-    schedule = build_schedule(cfg.schedule, steps_per_epoch, schedule_steps)
-    engine = build_engine(cfg, model, built.optimizer, lambda opt: ParamGroupScheduler(opt, schedule), ctx)
-    signature = model_signature(model)
+    run.built = build_optimizer(cfg, model, example)
+    schedule = build_schedule(cfg.schedule, run.steps_per_epoch, run.schedule_steps)
+    run.engine = build_engine(cfg, model, run.built.optimizer, lambda opt: ParamGroupScheduler(opt, schedule),
+                              run.ctx)
+    run.signature = model_signature(model)
 
-    # --- resume: newest valid checkpoint (weights, momentum, exp-LR state, scheduler, RNG, data position)
-    ckpt = CheckpointManager(run_dir / "checkpoints", ctx, keep=cfg.run.keep_checkpoints)
-    global_step, start_epoch, start_batch = 0, 0, 0
-    resume_path = ckpt.find_resumable(cfg.run.resume)
-    if resume_path is not None:
-        client = ckpt.load(engine, resume_path, signature)
-        global_step, start_epoch, start_batch = client["global_step"], client["epoch"], client["batch_in_epoch"]
-        if client.get("exp_state") is not None and hasattr(built.optimizer, "load_exp_state_dict"):
-            built.optimizer.load_exp_state_dict(client["exp_state"])
-        if ctx.is_main:
-            print(f"[bigexp] resumed from {resume_path} at step {global_step} (epoch {start_epoch}, "
-                  f"batch {start_batch})", flush=True)
-    # Only now, with every input proven good, touch the run directory: a bad data path or a checkpoint of another
-    # model fails above and leaves an existing run exactly as it was.
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, run_dir / "config.yaml")
-    ctx.barrier()
 
-    def client_state(epoch: int, batch_in_epoch: int) -> dict:
-        exp = built.optimizer.exp_state_dict() if hasattr(built.optimizer, "exp_state_dict") else None
-        return {"global_step": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "exp_state": exp,
-                "arm": cfg.optim.optimizer, "config": to_dict(cfg)}
+def _resume(run: Run) -> tuple[LoopState, Optional[Path]]:
+    """The newest valid checkpoint (weights, momentum, exp-LR state, scheduler, RNG, data position), if any:
+    (where to start, the checkpoint or None)."""
+    cfg = run.cfg
+    run.ckpt = CheckpointManager(run.run_dir / "checkpoints", run.ctx, keep=cfg.run.keep_checkpoints,
+                                 faults=run.faults)
+    path = run.ckpt.find_resumable(cfg.run.resume)
+    if path is None:
+        return LoopState(), None
+    client = run.ckpt.load(run.engine, path, run.signature)
+    state = LoopState(global_step=client["global_step"], epoch=client["epoch"],
+                      batch_in_epoch=client["batch_in_epoch"])
+    if client.get("exp_state") is not None and hasattr(run.built.optimizer, "load_exp_state_dict"):
+        run.built.optimizer.load_exp_state_dict(client["exp_state"])
+    if run.ctx.is_main:
+        print(f"[bigexp] resumed from {path} at step {state.global_step} (epoch {state.epoch}, "
+              f"batch {state.batch_in_epoch})", flush=True)
+    return state, path
 
-    # --- logging (rank 0): resolved config, the param-group report, hparams at the end
-    own_logger = logger is None
-    tb = logger or TBLogger(run_dir, enabled=cfg.log.tensorboard and ctx.is_main)
-    if ctx.is_main and resume_path is None:
-        tb.text("config", (run_dir / "config.yaml").read_text())
-        tb.text("invariance", built.report.format() if hasattr(built.report, "format") else str(built.report))
-    preempt = PreemptionFlag()
-    preempt.install()
-    result = TrainResult(run_dir=run_dir, global_step=global_step, epoch=start_epoch)
-    last_renorms = None
 
-    # --- the loop
-    engine.ds.train()
-    if step_hook is not None and global_step == 0:
-        step_hook(0, engine)  # bigexp compare's equivalence gap at step 0 (both arms start identical)
-    epoch = start_epoch
-    while epoch < cfg.run.epochs and global_step < total_steps:
-        train_loader.set_epoch(epoch)
-        torch.set_num_threads(threads)
-        first_batch = start_batch if epoch == start_epoch else 0
-        batches = train_loader.iter_from(first_batch) if first_batch else iter(train_loader)
-        torch.set_num_threads(threads)
-        bar = None
-        if cfg.run.progress and ctx.is_main:
-            from tqdm import tqdm
-            bar = tqdm(total=steps_per_epoch, initial=first_batch // cfg.engine.grad_accum,
-                       desc=f"{cfg.run.name} epoch {epoch}", leave=False, dynamic_ncols=True, file=sys.stderr)
-        loss_sum, loss_n, t_log, imgs_log = 0.0, 0, time.perf_counter(), 0
-        batch_in_epoch = first_batch
-        for x, y in batches:
-            t0 = time.perf_counter()
-            if _TEST_NAN_AT_STEP and global_step + 1 == _TEST_NAN_AT_STEP:
-                x = torch.full_like(x, float("nan"))
-            loss, flags = train_micro_step(engine, x, y, ctx, label_smoothing=cfg.optim.label_smoothing,
-                                           stop_requested=preempt.requested)
-            if flags[0] > 0 and cfg.engine.precision != "fp16":
-                last = ckpt.list()
-                # Step numbers as logged and checkpointed: this would have become step global_step + 1.
-                raise NonFiniteLossError(
-                    f"non-finite loss ({float(loss)}) at step {global_step + 1} (epoch {epoch}, "
-                    f"batch {batch_in_epoch}) of {run_dir}; nothing was applied. "
-                    f"Last checkpoint: {last[0] if last else 'none'}")
-            batch_in_epoch += 1
-            loss_sum += float(loss.detach())
-            loss_n += 1
-            imgs_log += x.shape[0] * ctx.world_size
-            if batch_in_epoch % cfg.engine.grad_accum:
-                continue
-            global_step += 1
-            if bar is not None:
-                bar.update(1)
-            if step_hook is not None:
-                step_hook(global_step, engine)
-            if _TEST_STEP_DELAY_S:
-                time.sleep(_TEST_STEP_DELAY_S)
+def _open_run_dir(run: Run) -> None:
+    """Only now, with every input proven good, touch the run directory: a bad data path or a checkpoint of another
+    model fails above and leaves an existing run exactly as it was."""
+    if run.ctx.is_main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(run.cfg, run.run_dir / "config.yaml")
+    run.ctx.barrier()
 
-            if global_step % cfg.log.every_steps == 0 or global_step == total_steps:
-                stats = group_stats(built.optimizer, built.group_names)
-                mean_loss = torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64)
-                ctx.all_reduce_sum(mean_loss)
-                dt = time.perf_counter() - t_log
-                scalars = {"train/loss": float(mean_loss[0] / mean_loss[1]), "train/img_per_s": imgs_log / dt,
-                           "train/step_time_s": time.perf_counter() - t0, "train/grad_norm": grad_norm(engine),
-                           "train/loss_scale": engine.loss_scale() if cfg.engine.precision == "fp16" else None,
-                           "train/epoch": epoch + batch_in_epoch / max(1, len(train_loader)), **stats}
-                renorms = sum(v for k, v in stats.items() if k.endswith("/renorm_count"))
-                if last_renorms is not None and renorms > last_renorms:
-                    scalars["events/renorm"] = renorms - last_renorms
-                last_renorms = renorms
-                tb.scalars(global_step, scalars)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", img_s=f"{scalars['train/img_per_s']:.0f}")
-                loss_sum, loss_n, t_log, imgs_log = 0.0, 0, time.perf_counter(), 0
 
-            if flags[1] > 0:  # preemption: checkpoint at this step boundary and leave
-                ckpt.save(engine, client_state(epoch, batch_in_epoch), global_step, signature)
-                if ctx.is_main:
-                    print(f"[bigexp] preempted: checkpoint at step {global_step}; rerun with --resume auto",
-                          flush=True)
-                result.preempted = True
-                break
-            if cfg.run.checkpoint_every_steps and global_step % cfg.run.checkpoint_every_steps == 0:
-                ckpt.save(engine, client_state(epoch, batch_in_epoch), global_step, signature)
-            if global_step >= total_steps:
-                break
-        if bar is not None:
-            bar.close()
-        if result.preempted:
-            break
-        end_of_epoch = batch_in_epoch >= steps_per_epoch * cfg.engine.grad_accum
-        next_epoch = epoch + 1 if end_of_epoch else epoch
+def _log_texts(run: Run) -> None:
+    """A fresh run's TensorBoard texts: the resolved config and the param-group report."""
+    report = run.built.report
+    run.tb.text(TEXT_CONFIG, (run.run_dir / "config.yaml").read_text())
+    run.tb.text(TEXT_INVARIANCE, report.format() if hasattr(report, "format") else str(report))
 
-        # --- end of epoch (or of max_steps): consistent BN stats, eval, summary line, checkpoint
-        sync_batchnorm_stats(engine.ds.module, ctx)
-        last = global_step >= total_steps or next_epoch >= cfg.run.epochs
-        if last or (epoch + 1) % cfg.run.eval_every_epochs == 0:
-            val = evaluate(engine, val_loader, ctx, dtype)
-            torch.set_num_threads(threads)
-            tb.scalars(global_step, val)
-            result.val = val
-            result.history.append({"epoch": epoch, "global_step": global_step, **val})
+
+# ---------------------------------------------------------------------------------------------- one epoch
+def _train_epoch(run: Run, state: LoopState) -> bool:
+    """The steps of `state.epoch` from micro-batch `state.batch_in_epoch` to the epoch's end, to the run's last
+    step, or to a preemption. Returns True when preempted (the checkpoint is written)."""
+    cfg, ctx = run.cfg, run.ctx
+    run.train_loader.set_epoch(state.epoch)
+    reset_threads(run.threads)
+    first = state.batch_in_epoch
+    batches = run.train_loader.iter_from(first) if first else iter(run.train_loader)
+    reset_threads(run.threads)
+    bar = tqdm(total=run.steps_per_epoch, initial=first // cfg.engine.grad_accum, desc=f"{cfg.run.name} epoch "
+               f"{state.epoch}", leave=False, dynamic_ncols=True, file=sys.stderr,
+               disable=not (cfg.run.progress and ctx.is_main))
+    window, preempted = _LogWindow(), False
+    for x, y in batches:
+        t0 = time.perf_counter()
+        if run.faults.nan_at_step == state.global_step + 1:
+            x = torch.full_like(x, float("nan"))
+        loss, flags = train_micro_step(run.engine, x, y, ctx, label_smoothing=cfg.optim.label_smoothing,
+                                       stop_requested=run.preempt.requested)
+        if flags[0] > 0 and cfg.engine.precision != "fp16":  # fp16: DeepSpeed skipped it and lowered the scale
+            raise _non_finite_loss(run, state, loss)
+        state.batch_in_epoch += 1
+        window.loss_sum += float(loss.detach())
+        window.loss_n += 1
+        window.imgs += x.shape[0] * ctx.world_size
+        if state.batch_in_epoch % cfg.engine.grad_accum:
+            continue
+        state.global_step += 1
+        bar.update(1)
+        if run.step_hook is not None:
+            run.step_hook(state.global_step, run.engine)
+        if run.faults.step_delay_s is not None:
+            time.sleep(run.faults.step_delay_s)
+        if state.global_step % cfg.log.every_steps == 0 or state.global_step == run.total_steps:
+            _log_step(run, state, window, t0, bar)
+            window = _LogWindow()
+        if flags[1] > 0:  # preemption: checkpoint at this step boundary and leave
+            _save(run, state)
             if ctx.is_main:
-                print(f"[bigexp] {cfg.run.name} epoch {epoch} step {global_step}: val top1 {val['val/top1']:.2f}% "
-                      f"top5 {val['val/top5']:.2f}% loss {val['val/loss']:.4f}", flush=True)
-        ckpt.save(engine, client_state(next_epoch, 0 if end_of_epoch else batch_in_epoch), global_step, signature)
-        tb.flush()
-        epoch = next_epoch
+                print(f"[bigexp] preempted: checkpoint at step {state.global_step}; rerun with --resume auto",
+                      flush=True)
+            preempted = True
+            break
+        if cfg.run.checkpoint_every_steps and state.global_step % cfg.run.checkpoint_every_steps == 0:
+            _save(run, state)
+        if state.global_step >= run.total_steps:
+            break
+    bar.close()
+    return preempted
 
-    # --- finish: hparams, plots, clean shutdown of the logger (the process group is the caller's)
-    preempt.restore()
-    result.global_step, result.epoch = global_step, epoch
+
+def _non_finite_loss(run: Run, state: LoopState, loss: torch.Tensor) -> NonFiniteLossError:
+    newest = run.ckpt.list()
+    # Step numbers as logged and checkpointed: this would have become step global_step + 1.
+    return NonFiniteLossError(
+        f"non-finite loss ({float(loss.detach())}) at step {state.global_step + 1} (epoch {state.epoch}, "
+        f"batch {state.batch_in_epoch}) of {run.run_dir}; nothing was applied. "
+        f"Last checkpoint: {newest[0] if newest else 'none'}")
+
+
+def _log_step(run: Run, state: LoopState, window: _LogWindow, t0: float, bar) -> None:
+    """One log line: the window's loss (mean over every rank: a collective, so every rank logs at the same steps),
+    throughput, the last step's time and grad norm, per-group optimizer statistics, renormalisations since the
+    previous line."""
+    cfg = run.cfg
+    stats = group_stats(run.built.optimizer, run.built.group_names)
+    mean_loss = torch.tensor([window.loss_sum, float(window.loss_n)], dtype=torch.float64)
+    run.ctx.all_reduce_sum(mean_loss)
+    dt = time.perf_counter() - window.t0
+    scalars = {TRAIN_LOSS: float(mean_loss[0] / mean_loss[1]), TRAIN_IMG_PER_S: window.imgs / dt,
+               TRAIN_STEP_TIME_S: time.perf_counter() - t0, TRAIN_GRAD_NORM: grad_norm(run.engine),
+               TRAIN_LOSS_SCALE: run.engine.loss_scale() if cfg.engine.precision == "fp16" else None,
+               TRAIN_EPOCH: state.epoch + state.batch_in_epoch / max(1, len(run.train_loader)), **stats}
+    renorms = sum(v for tag, v in stats.items() if opt_stat(tag) == RENORM_COUNT)
+    if state.last_renorms is not None and renorms > state.last_renorms:
+        scalars[EVENTS_RENORM] = renorms - state.last_renorms
+    state.last_renorms = renorms
+    run.tb.scalars(state.global_step, scalars)
+    bar.set_postfix(loss=f"{scalars[TRAIN_LOSS]:.3f}", img_s=f"{scalars[TRAIN_IMG_PER_S]:.0f}")
+
+
+def _save(run: Run, state: LoopState) -> None:
+    """A checkpoint of this step (collective). Its client state is where a resume starts: `state`'s position."""
+    exp = run.built.optimizer.exp_state_dict() if hasattr(run.built.optimizer, "exp_state_dict") else None
+    client = {"global_step": state.global_step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
+              "exp_state": exp, "arm": run.cfg.optim.optimizer, "config": to_dict(run.cfg)}
+    run.ckpt.save(run.engine, client, state.global_step, run.signature)
+
+
+# ---------------------------------------------------------------------------------------------- end of epoch
+def _end_of_epoch(run: Run, state: LoopState, result: TrainResult) -> None:
+    """After an epoch's steps (or the run's last step): consistent BN stats, eval when due, a checkpoint; `state`
+    moves to the next epoch when this one was completed."""
+    cfg = run.cfg
+    completed = state.batch_in_epoch >= run.steps_per_epoch * cfg.engine.grad_accum
+    next_epoch = state.epoch + 1 if completed else state.epoch
+    sync_batchnorm_stats(run.engine.ds.module, run.ctx)
+    is_last = state.global_step >= run.total_steps or next_epoch >= cfg.run.epochs
+    if is_last or (state.epoch + 1) % cfg.run.eval_every_epochs == 0:
+        _evaluate(run, state, result)
+    if completed:
+        state.epoch, state.batch_in_epoch = next_epoch, 0
+    _save(run, state)
+    run.tb.flush()
+
+
+def _evaluate(run: Run, state: LoopState, result: TrainResult) -> None:
+    """Val metrics: to TensorBoard, into the result's history, and one summary line."""
+    val = evaluate(run.engine, run.val_loader, run.ctx, run.dtype)
+    reset_threads(run.threads)
+    run.tb.scalars(state.global_step, val)
+    result.val = val
+    result.history.append({"epoch": state.epoch, "global_step": state.global_step, **val})
+    if run.ctx.is_main:
+        print(f"[bigexp] {run.cfg.run.name} epoch {state.epoch} step {state.global_step}: val top1 "
+              f"{val[VAL_TOP1]:.2f}% top5 {val[VAL_TOP5]:.2f}% loss {val[VAL_LOSS]:.4f}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- finish
+def _finish(run: Run, state: LoopState, result: TrainResult, *, close_logger: bool) -> None:
+    """hparams, plots, the logger closed when it is ours (the process group is the caller's)."""
+    cfg, ctx = run.cfg, run.ctx
+    result.global_step, result.epoch = state.global_step, state.epoch
     if ctx.is_main and not result.preempted and result.val:
-        tb.hparams({"arm": cfg.optim.optimizer, "lr": cfg.optim.lr, "momentum": cfg.optim.momentum,
-                    "weight_decay": cfg.optim.weight_decay, "schedule": cfg.schedule.kind,
-                    "batch_size": cfg.data.batch_size, "precision": cfg.engine.precision,
-                    "arch": cfg.model.arch, "world_size": ctx.world_size},
-                   {"hparam/" + k.split("/")[1]: v for k, v in result.val.items()})
-    if own_logger:
-        tb.close()
+        run.tb.hparams({"arm": cfg.optim.optimizer, "lr": cfg.optim.lr, "momentum": cfg.optim.momentum,
+                        "weight_decay": cfg.optim.weight_decay, "schedule": cfg.schedule.kind,
+                        "batch_size": cfg.data.batch_size, "precision": cfg.engine.precision,
+                        "arch": cfg.model.arch, "world_size": ctx.world_size},
+                       {hparam_tag(tag): v for tag, v in result.val.items()})
+    if close_logger:
+        run.tb.close()
     if ctx.is_main and cfg.log.plots and not result.preempted:
         try:
-            from bigexp.analysis.plots import plot_run
-            plot_run(run_dir)
+            # Imported here: bigexp.analysis sits above run/ (its runner imports this module), and the plots are
+            # its one use in a training process, only with log.plots. ImportError: no matplotlib, no plots.
+            from bigexp.analysis.report import plot_run
+
+            plot_run(run.run_dir)
         except ImportError:
             pass
-    return result

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bigexp.run.metrics import VAL_LOSS, VAL_TOP1, VAL_TOP5
+
 
 def accuracy_counts(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[int]:
     k_max = min(max(ks), logits.shape[1])
@@ -45,8 +47,7 @@ def evaluate(engine, loader, ctx, dtype) -> dict:
     ctx.all_reduce_sum(sums)
     model.train(was_training)
     n = max(float(sums[3]), 1.0)
-    return {"val/loss": float(sums[0]) / n, "val/top1": 100.0 * float(sums[1]) / n,
-            "val/top5": 100.0 * float(sums[2]) / n}
+    return {VAL_LOSS: float(sums[0]) / n, VAL_TOP1: 100.0 * float(sums[1]) / n, VAL_TOP5: 100.0 * float(sums[2]) / n}
 
 
 def train_micro_step(engine, x: torch.Tensor, y: torch.Tensor, ctx, *, label_smoothing: float = 0.0,
@@ -73,6 +74,7 @@ def train_micro_step(engine, x: torch.Tensor, y: torch.Tensor, ctx, *, label_smo
 
 
 def grad_norm(engine) -> float | None:
+    """DeepSpeed's global gradient norm of the last step; None where the engine keeps none (or cannot say)."""
     try:
         g = engine.ds.get_global_grad_norm()
     except Exception:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from bigexp.config.schema import DataConfig
 from bigexp.data.loaders import build_train_loader, build_val_loader
-from bigexp.data.write import ensure_betons
+from bigexp.data.ensure import ensure_betons
 
 
 def main() -> int:

@@ -9,14 +9,14 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from bigexp.config import load_config
-from bigexp.run.distributed import init_distributed, shutdown_distributed
-from bigexp.run.engine import build_engine
 from bigexp.models import build_model
 from bigexp.optim.build import build_optimizer
 from bigexp.optim.schedules import ParamGroupScheduler, build_schedule
+from bigexp.run.distributed import exit_process, init_distributed, shutdown_distributed
+from bigexp.run.engine import build_engine
+from bigexp.run.step import train_micro_step
 
 STEPS = 6
 INIT_SCALE = 0.5
@@ -43,9 +43,7 @@ def run_arm(ctx, precision, zero, optimizer, renorm_every, batches, probe):
     schedule = build_schedule(cfg.schedule, steps_per_epoch=STEPS // 2, total_steps=STEPS)
     eng = build_engine(cfg, model, built.optimizer, lambda o: ParamGroupScheduler(o, schedule), ctx)
     for x, y in batches:
-        loss = F.cross_entropy(eng.ds(x.to(eng.dtype)).float(), y)
-        eng.ds.backward(loss)
-        eng.ds.step()
+        train_micro_step(eng, x, y, ctx)  # the training loop's own step
     # Train-mode forward (batch statistics): the function the theorem is about, no running stats involved.
     with torch.no_grad():
         out = eng.ds(probe.to(eng.dtype)).float()
@@ -92,7 +90,4 @@ def main(out_dir):
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip C++ static destructors: gloo/DeepSpeed threads can abort the process at exit after a clean shutdown.
-    os._exit(0)
+    exit_process(0)  # past the C++ destructors, as `bigexp train` exits

@@ -1,0 +1,42 @@
+"""What several test files need, in one place. Tests import it by name (`from conftest import REPO, run_group`):
+under pytest's default import mode tests/ is on sys.path and this module is already loaded as `conftest`.
+
+Paths and child processes come from bench/_launch.py, which bench/ runs its own launches with; the Fashion-MNIST
+.beton files and the `bigexp train` command line are the tests' own. Nothing here imports bigexp or torch at load
+time, so tests/test_structure.py still runs while the package cannot be imported.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from _launch import (FMNIST_DIR, IMAGENET_SAMPLE, REPO, SHARED, GroupTimeout, child_env, children,  # noqa: E402
+                     kill_tree, run_group, torchrun_cmd)
+
+__all__ = ["FMNIST_DIR", "IMAGENET_SAMPLE", "REPO", "SHARED", "GroupTimeout", "child_env", "children", "kill_tree",
+           "run_group", "torchrun_cmd", "fmnist_betons", "train_args"]
+
+
+def fmnist_betons(directory: Path, *, train: int, val: int = 0) -> Path:
+    """`directory` with train.beton (the first `train` training images) and, unless val is 0, val.beton (the first
+    `val` test images), 32 px. Skips the test when Debian's dataset-fashion-mnist is not installed."""
+    # imported here: only the tests that write data pay for torch and ffcv, and conftest loads for every test
+    from bigexp.data.fmnist import write_fashion_mnist
+
+    if not FMNIST_DIR.is_dir():
+        pytest.skip(f"{FMNIST_DIR} missing (apt-get install dataset-fashion-mnist)")
+    write_fashion_mnist(FMNIST_DIR, directory / "train.beton", size=32, split="train", limit=train, progress=False)
+    if val:
+        write_fashion_mnist(FMNIST_DIR, directory / "val.beton", size=32, split="test", limit=val, progress=False)
+    return directory
+
+
+def train_args(config: str, out: Path, data: Path, name: str, *overrides: str) -> list[str]:
+    """The arguments after `python` or torchrun for `bigexp train`: `config`, the run in out/name, the data of
+    fmnist_betons(data) and never written, no progress bar; then `overrides` (later ones win)."""
+    return ["-m", "bigexp", "train", "--config", config, f"run.out_dir={out}", f"run.name={name}", "run.progress=false",
+            f"data.train_beton={data / 'train.beton'}", f"data.val_beton={data / 'val.beton'}",
+            "data.write_missing=false", *overrides]
