@@ -53,7 +53,7 @@ def numeric_rows(cfg, device: str, timeout_s: float) -> list[tuple[str, Outcome]
         check_cpu_channels_last(build_model(cfg.model), device, bool(cfg.model.channels_last))
         rows.append(("memory format", Outcome("ok", f"{fmt} on {device}")))
     except ConfigError as e:
-        rows.append(("memory format", Outcome("FAIL", str(e).split(":", 1)[1].strip()[:200])))
+        rows.append(("memory format", Outcome("FAIL", str(e).split(":", 1)[1].strip()[:400])))
     if device == "cpu":
         k = _graded(run_check({"kind": "kernel_6035", "threads": cfg.run.threads or torch.get_num_threads()},
                               timeout_s=timeout_s)[0], 1e-4, "weight-grad error")
