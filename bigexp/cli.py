@@ -63,7 +63,8 @@ def fail(command: str, exc: BaseException, code: int) -> int:
     rank = os.environ.get("RANK", "0")
     print(f"bigexp {command}: {'' if rank == '0' else f'[rank {rank}] '}{exc}", file=sys.stderr, flush=True)
     dist = sys.modules.get("torch.distributed")  # only a command that already imported torch can have a group
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    # One rank (an in-process store) has no peer to abort at exit: return, so an in-process caller (a test) lives on.
+    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         # Imported here, not at the top: it imports torch, and the dispatcher must stay fast for `--help`.
         from bigexp.run.distributed import exit_process
 

@@ -21,8 +21,9 @@ mkdir -p "$LOGDIR"
 ARMS=$(BIGEXP_COMMAND=compare sbatch --parsable --array="0-$((N - 1))" --job-name="bigexp-$NAME" \
   --output="slurm-%x-%A_%a.out" "${OPTS[@]}" "$HERE/bigexp.sbatch" "$CONFIG" "$@")
 ARMS=${ARMS%%;*}   # "jobid;cluster" on federated clusters
+# The arms' options too (partition, account, -s ...), then one task on one node.
 REPORT=$(sbatch --parsable --dependency="afterok:$ARMS" --kill-on-invalid-dep=yes --job-name="bigexp-$NAME-report" \
-  --ntasks=1 --output="$LOGDIR/slurm-report-%j.out" \
+  "${OPTS[@]}" --nodes=1 --ntasks=1 --output="$LOGDIR/slurm-report-%j.out" \
   --wrap="$(printf '%q ' "$PYTHON" -m bigexp compare --config "$CONFIG" --layout-only "$@")")
 echo "arms:   job $ARMS (array 0-$((N - 1)): one per compare.arms), logs slurm-bigexp-$NAME-${ARMS}_<task>.out"
 echo "report: job ${REPORT%%;*} after every arm succeeded (afterok), log $LOGDIR/slurm-report-${REPORT%%;*}.out"

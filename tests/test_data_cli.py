@@ -31,7 +31,7 @@ def test_imagefolder_command(tmp_path, capsys):
     assert f"wrote {out}: 2 samples" in capsys.readouterr().out
 
     missing = tmp_path / "missing"
-    assert main(["data", "imagefolder", str(missing), str(out), "--no-progress"]) == 1
+    assert main(["data", "imagefolder", str(missing), str(out), "--no-progress"]) == 2  # bad input (bigexp.errors)
     assert str(missing) in capsys.readouterr().err
 
 

@@ -172,3 +172,29 @@ def test_scheduler_drives_torch_sgd_like_lambda_lr():
             o.step()
         ours.step()
         ref.step()
+
+
+def test_resume_under_a_changed_schedule_is_refused_naming_what_changed():
+    """describe() is stored in the checkpoint 'to be compared on resume': a changed gamma / milestone / length
+    must not resume silently (issue 17.5)."""
+    from bigexp.errors import CheckpointError
+
+    saved = ParamGroupScheduler(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.3),
+                                StepSchedule(TOTAL, [50, 120], 0.1))
+    for _ in range(7):
+        saved.step()
+    state = copy.deepcopy(saved.state_dict())
+    for changed, pieces in ((StepSchedule(TOTAL, [50, 120], 0.5), ["schedule.gamma: 0.1 (checkpoint) -> 0.5 (now)"]),
+                            (StepSchedule(TOTAL + 10, [50, 130], 0.1), ["schedule.total_steps: 200", "-> 210",
+                                                                        "schedule.milestones_steps: [50, 120]"]),
+                            (CosineSchedule(TOTAL), ["schedule.kind: 'step' (checkpoint) -> 'cosine' (now)"])):
+        sch = ParamGroupScheduler(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.3), changed)
+        with pytest.raises(CheckpointError) as err:
+            sch.load_state_dict(state)
+        for piece in pieces:
+            assert piece in str(err.value)
+        assert sch.last_step == 0  # nothing restored
+    same = ParamGroupScheduler(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.3),
+                               StepSchedule(TOTAL, [50, 120], 0.1))
+    same.load_state_dict(state)
+    assert same.last_step == 7

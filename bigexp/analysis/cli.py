@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
+from bigexp.analysis.events import CONTROL_ARM
 from bigexp.config import add_config_arguments, config_from_args_or_exit
 from bigexp.run import metrics as M
 
@@ -22,8 +23,11 @@ from bigexp.run import metrics as M
 # ---------------------------------------------------------------------------------------------- compare
 def compare_arguments(parser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--arm", default=None, choices=["sgd", "expsgd"],
-                        help="run only this arm into the comparison's layout (one SLURM job per arm)")
+    parser.add_argument("--arm", default=None, choices=["sgd", "expsgd", CONTROL_ARM],
+                        help="run only this arm into the comparison's layout (one SLURM job per arm; "
+                             f"{CONTROL_ARM} needs compare.control=true)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="run only this seed of compare.seeds (one SLURM job per arm and seed)")
     parser.add_argument("--layout-only", action="store_true",
                         help="no training: (re)write the custom-scalars layout, the gap run and the report")
     parser.add_argument("--lockstep", action="store_true",
@@ -44,7 +48,7 @@ def print_summary(result) -> None:
         for s in rep.summaries:
             top1 = "—" if s.final_top1 is None else f"{s.final_top1:.2f}%"
             best = "—" if s.best_top1 is None else f"{s.best_top1:.2f}%"
-            print(f"  {s.name:<8} final top-1 {top1:>7}  best {best:>7}  steps {s.steps if s.steps is not None else '—'}")
+            print(f"  {s.name:<14} final top-1 {top1:>7}  best {best:>7}  steps {s.steps if s.steps is not None else '—'}")
     if result.gap:
         last = result.gap[-1]
         print(f"  gap at step {last['step']}: max |Δlogit| {last[M.GAP_MAX_ABS_LOGIT]:.3g}, "
@@ -60,8 +64,8 @@ def run_compare(args) -> int:
     if args.float64 and not args.lockstep:
         print("bigexp compare: --float64 needs --lockstep (DeepSpeed arms run in engine.precision)", file=sys.stderr)
         return 2
-    if args.lockstep and (args.arm or args.layout_only):
-        print("bigexp compare: --lockstep runs both arms together; it excludes --arm and --layout-only",
+    if args.lockstep and (args.arm or args.layout_only or args.seed is not None):
+        print("bigexp compare: --lockstep runs both arms together; it excludes --arm, --seed and --layout-only",
               file=sys.stderr)
         return 2
     if args.lockstep or args.layout_only:  # no process group, no DeepSpeed
@@ -69,7 +73,7 @@ def run_compare(args) -> int:
                   else compare(cfg, layout_only=True, report=not args.no_report))
         print_summary(result)
         return 0
-    result = compare(cfg, arm=args.arm, report=not args.no_report)
+    result = compare(cfg, arm=args.arm, seed=args.seed, report=not args.no_report)
     if os.environ.get("RANK", "0") == "0":
         print_summary(result)
     shutdown_distributed()

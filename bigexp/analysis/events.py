@@ -2,9 +2,14 @@
 
 Layout of one comparison, a single TensorBoard logdir <run.out_dir>/<run.name>/:
     <arm>/          one run per arm in compare.arms (sgd, expsgd): events, config.yaml, checkpoints, probes/
+    sgd_perturbed/  (CONTROL_ARM, compare.control) the baseline started from weights nudged by float32 round-off
     gap/            (GAP_RUN) the equivalence gap between the arms on a fixed probe batch, per probe step
+    gap_control/    (GAP_CONTROL_RUN) the same gap tags between the control and the baseline: the chaos floor
     events.*.bigexp-layout   (LAYOUT_FILE) the custom-scalars layout: each metric of all arms overlaid in one chart
     report.md, plots/        written by `bigexp report`
+With compare.seeds of two or more seeds every run above is one directory deeper, one per seed: <arm>/seed<s>/,
+gap/seed<s>/, gap_control/seed<s>/ (`seed_run`); TensorBoard names those runs "sgd/seed0", so its run filter
+picks one seed ("seed0") or one arm ("^sgd/").
 
 Reading is strict where TensorBoard is lenient: its loader stops silently at the first bad record, so a corrupt file
 would show as a run that ended early. Here a record failing its CRC (or not parsing) raises InputFileError naming the
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -31,6 +37,10 @@ LAYOUT_FILE = "events.out.tfevents.0000000000.bigexp-layout"
 GAP_FILE = "events.out.tfevents.0000000000.bigexp-gap"
 GAP_RUN = "gap"
 BASELINE_ARM = "sgd"   # the arm the others are measured against (table differences, gap): the step-decay baseline
+CONTROL_ARM = "sgd_perturbed"   # compare.control: the baseline from nudged weights (bigexp.analysis.control)
+GAP_CONTROL_RUN = "gap_control"
+SEED_DIR = "seed{}"
+_SEED_RX = re.compile(r"^seed(\d+)$")
 
 _HEADER = struct.Struct("<QI")   # TFRecord: uint64 length, uint32 masked CRC32C of the length
 _CRC = struct.Struct("<I")       # then the data, then the masked CRC32C of the data
@@ -41,6 +51,32 @@ def baseline_and_twin(arms: Sequence[str]) -> tuple[str, Optional[str]]:
     other arm (None for a single arm)."""
     base = BASELINE_ARM if BASELINE_ARM in arms else arms[0]
     return base, next((a for a in arms if a != base), None)
+
+
+def seed_run(run: str, seed: Optional[int]) -> str:
+    """The run directory (relative to the logdir) of an arm or gap run for one seed: `run` itself for a
+    single-seed comparison (seed None), else <run>/seed<s>."""
+    return run if seed is None else f"{run}/{SEED_DIR.format(seed)}"
+
+
+def split_seed_run(name: str) -> tuple[str, Optional[int]]:
+    """("sgd", 1) for the run name "sgd/seed1", ("sgd", None) for "sgd": seed_run's inverse."""
+    head, _, tail = name.rpartition("/")
+    m = _SEED_RX.match(tail)
+    return (head, int(m.group(1))) if head and m else (name, None)
+
+
+def seed_dirs(d: Path) -> dict:
+    """seed -> <d>/seed<s> for every seed subdirectory of d holding event files, by seed."""
+    d = Path(d)
+    if not d.is_dir():
+        return {}
+    out = {}
+    for c in d.iterdir():
+        m = _SEED_RX.match(c.name)
+        if m and c.is_dir() and has_event_files(c):
+            out[int(m.group(1))] = c
+    return dict(sorted(out.items()))
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -148,8 +184,9 @@ def write_events_atomic(target_dir: Path, final_name: str, write: Callable) -> P
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_gap_run(logdir: Path, rows: list) -> Optional[Path]:
-    """The gap rows [{"step": s, "gap/...": v}] as the GAP_RUN run of logdir (finite values only); None if no rows."""
+def write_gap_run(logdir: Path, rows: list, run: str = GAP_RUN) -> Optional[Path]:
+    """The gap rows [{"step": s, "gap/...": v}] as the run `run` (GAP_RUN, GAP_CONTROL_RUN, gap/seed<s>, ...) of
+    logdir (finite values only); None if no rows."""
     if not rows:
         return None
 
@@ -159,7 +196,7 @@ def write_gap_run(logdir: Path, rows: list) -> Optional[Path]:
                 if k != "step" and v is not None and math.isfinite(v):
                     w.add_scalar(k, float(v), global_step=r["step"])
 
-    return write_events_atomic(Path(logdir) / GAP_RUN, GAP_FILE, write)
+    return write_events_atomic(Path(logdir) / run, GAP_FILE, write)
 
 
 # ---------------------------------------------------------------------------------------------- arms' logging
@@ -185,9 +222,11 @@ class CompareLogger(TBLogger):
 
 
 # ---------------------------------------------------------------------------------------------- the layout
-def custom_scalars_layout(title: str) -> dict:
+def custom_scalars_layout(title: str, opt_tags: Sequence[str] = ()) -> dict:
     """The charts (SummaryWriter.add_custom_scalars format): tags are regexes, matched in every run of the logdir,
-    so each chart overlays that metric of all arms."""
+    so each chart overlays that metric of all arms (and seeds). `opt_tags` (the opt/<group>/<stat> tags the arms
+    logged) add one category per param group with one chart per tag: in the "compare" charts every group of a run
+    has that run's colour, so the invariant and plain groups of one arm cannot be told apart there."""
     def tags(*names):
         return ["Multiline", [M.tag_regex(t) for t in names]]
 
@@ -195,7 +234,7 @@ def custom_scalars_layout(title: str) -> dict:
         return ["Multiline", [M.opt_tag_regex(stat, group=".*")]]
 
     log10 = M.LOG10_PREFIX
-    return {
+    layout = {
         f"compare: {title}": {
             "val top-1 (%)": tags(M.VAL_TOP1),
             "val top-5 (%)": tags(M.VAL_TOP5),
@@ -218,10 +257,27 @@ def custom_scalars_layout(title: str) -> dict:
             "non-invariant params: max relative difference": tags(M.GAP_MAX_PLAIN_REL_DIFF),
         },
     }
+    for tag in sorted(set(opt_tags)):
+        group, stat = M.split_opt_tag(tag)
+        layout.setdefault(f"param group {group}", {})[f"{group}: {stat}"] = tags(tag)
+    return layout
+
+
+def logged_opt_tags(logdir: Path) -> list:
+    """Every opt/<group>/<stat> tag that a run under logdir (the arms, per seed too) has logged, sorted."""
+    found = set()
+    for d in sorted(p for p in Path(logdir).rglob("*") if p.is_dir() and not p.name.startswith(".")):
+        for path in event_files(d):
+            for ev in read_events(path):
+                found.update(v.tag for v in ev.summary.value
+                             if v.HasField("simple_value") and M.split_opt_tag(v.tag) is not None)
+    return sorted(found)
 
 
 def write_layout(logdir: Path, title: str) -> Path:
-    return write_events_atomic(Path(logdir), LAYOUT_FILE, lambda w: w.add_custom_scalars(custom_scalars_layout(title)))
+    """The custom-scalars layout of logdir, with a chart per param-group tag the arms have logged so far."""
+    layout = custom_scalars_layout(title, logged_opt_tags(logdir))
+    return write_events_atomic(Path(logdir), LAYOUT_FILE, lambda w: w.add_custom_scalars(layout))
 
 
 def read_layout(logdir: Path):

@@ -24,11 +24,12 @@ from bigexp.analysis.events import GAP_RUN, CompareLogger, baseline_and_twin, wr
 from bigexp.analysis.gap import snapshot_gap
 from bigexp.analysis.probes import probe_batch, snapshot
 from bigexp.analysis.report import build_report, plot_run
-from bigexp.analysis.runner import CompareResult, arm_cfg_for, arm_names, logdir_of
+from bigexp.analysis.runner import CompareResult, arm_cfg_for, arm_names, logdir_of, seed_layout, seeded
 from bigexp.config import save_resolved
 from bigexp.config.schema import Config
 from bigexp.data.loaders import build_train_loader, build_val_loader
 from bigexp.data.ensure import ensure_betons
+from bigexp.errors import ConfigError
 from bigexp.memory_format import check_cpu_channels_last, resolve_memory_format
 from bigexp.models import build_model
 from bigexp.optim.build import build_optimizer, group_stats
@@ -166,7 +167,10 @@ def lockstep(cfg: Config, *, float64: bool = False, report: bool = True,
     measured in place every compare.probe_every_steps steps (and at step 0 and the last step). float64: the
     models and inputs in double precision, so the gap shows what is left of the theorem beyond rounding."""
     arms = arm_names(cfg)
-    cfg = copy.deepcopy(cfg)  # the memory format is resolved on this copy, not on the caller's config
+    if cfg.compare.control or len(seed_layout(cfg)) > 1:
+        raise ConfigError("bigexp compare --lockstep: one seed and no control arm (compare.control, several "
+                          "compare.seeds): run those without --lockstep")
+    cfg = seeded(cfg, None)  # a copy (the memory format is resolved on it), run.seed = the one compare.seeds seed
     resolve_memory_format(cfg, DEVICE)
     logdir = logdir_of(cfg)
     logdir.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,9 @@ Input everywhere is data, never a file: the `Scalars` mapping tag -> (steps, val
 file in the same directory, fsync, os.replace), so a plot being rewritten at the end of a run never leaves a
 half-written PNG.
 
-    plot_compare(runs, out_dir, gap=...)   arms overlaid + gap  -> <out_dir>/*.png
-    plot_curves / plot_gap                 one figure each
+    plot_compare(runs, out_dir, gap=...)   arms overlaid + gap (and the control's gap)  -> <out_dir>/*.png
+    plot_compare_seeds(arms, out_dir, gaps=...)   the same over several seeds: mean lines, mean ± sd bands
+    plot_curves / plot_bands / plot_gap / plot_gap_bands   one figure each
 (One run's plots from its event files: bigexp.analysis.report.plot_run.)
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from bigexp.analysis.seeds import band
 from bigexp.atomic import atomic_open
 from bigexp.run import metrics as M
 
@@ -113,22 +115,36 @@ def plot_curves(runs: Mapping[str, Scalars], path: Path, *, title: str, ylabel: 
         plt.close(fig)
 
 
-def plot_gap(gap: Scalars, path: Path) -> Path | None:
-    """The equivalence gap over training, one panel per metric; None when the gap run has no scalars."""
-    panels = [(tag, label, logy) for tag, label, logy in GAP_CURVES if tag in gap and len(gap[tag][0]) > 0]
+def plot_gap(gap: Scalars, path: Path, control: Scalars | None = None) -> Path | None:
+    """The equivalence gap over training, one panel per metric; with `control` (the chaos-floor control's gap to
+    the baseline) both overlaid. None when the gap run has no scalars."""
+    labelled = {"twin vs baseline": [gap]}
+    if control:
+        labelled["control vs baseline (float noise)"] = [control]
+    return plot_gap_bands(labelled, path)
+
+
+def plot_gap_bands(labelled: Mapping[str, Sequence[Scalars]], path: Path) -> Path | None:
+    """Gap panels with one line per label: the mean over its gap runs (one per seed) and a mean ± sd band when
+    there are several. None when no label has a gap scalar."""
+    panels = [(tag, label, logy) for tag, label, logy in GAP_CURVES
+              if any(tag in g and len(g[tag][0]) > 0 for runs in labelled.values() for g in runs)]
     if not panels:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(len(panels), 1, figsize=(7.0, 2.2 * len(panels)), sharex=True, squeeze=False)
     try:
         for ax, (tag, label, logy) in zip(axes[:, 0], panels):
-            steps, values = gap[tag]
-            ys = _positive(values, GAP_FLOOR) if logy else list(values)
-            ax.plot(steps, ys, "-", marker="o" if len(steps) <= 50 else None, markersize=3)
+            for name, runs in labelled.items():
+                series = [g[tag] for g in runs if tag in g and len(g[tag][0]) > 0]
+                if series:
+                    _draw_band(ax, name, band(series), len(series), floor=GAP_FLOOR if logy else None)
             if logy:
                 ax.set_yscale("log")
             ax.set_ylabel(label, fontsize=8)
             ax.grid(True, which="both", alpha=0.3)
+            if len(labelled) > 1:
+                ax.legend(fontsize=6, loc="best")
         axes[0, 0].set_title(f"equivalence gap between the arms on the probe batch (exact 0 drawn at {GAP_FLOOR:g})")
         axes[-1, 0].set_xlabel("optimizer step")
         return save_figure_atomic(fig, path)
@@ -136,8 +152,54 @@ def plot_gap(gap: Scalars, path: Path) -> Path | None:
         plt.close(fig)
 
 
-def plot_compare(runs: Mapping[str, Scalars], out_dir: Path, gap: Scalars | None = None) -> list[Path]:
-    """The standard curves with all `runs` overlaid, plus gap.png when `gap` has scalars. Returns written paths."""
+def _draw_band(ax, label: str, stats: tuple, n: int, *, floor: float | None, style: str = "-") -> None:
+    """The mean line, and (for n > 1 series) the mean ± sd band, clipped at `floor` on a log axis."""
+    steps, means, sds = stats
+    ys = _positive(means, floor) if floor is not None else list(means)
+    line, = ax.plot(steps, ys, style, marker="o" if len(steps) <= 50 else None, markersize=3,
+                    label=label if n <= 1 else f"{label} (mean ± sd, {n} seeds)")
+    if n > 1:
+        lo = [m - s for m, s in zip(means, sds)]
+        hi = [m + s for m, s in zip(means, sds)]
+        if floor is not None:
+            lo, hi = _positive(lo, floor), _positive(hi, floor)
+        ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+def plot_bands(arms: Mapping[str, Sequence[Scalars]], path: Path, *, title: str, ylabel: str, pattern: str,
+               logy: bool = False) -> Path | None:
+    """One figure: per arm (and param group) the mean over its seeds' runs of the tags matching `pattern`, with a
+    mean ± sd band. None if nothing matched."""
+    lines = {}   # (arm, label part, tag) -> [series per seed]
+    for arm, seeds in arms.items():
+        for scalars in seeds:
+            for tag, group, series in _matching(scalars, pattern):
+                part = tag.partition("/")[0] if pattern == LOSS_PATTERN else group
+                lines.setdefault((arm, part, tag), []).append(series)
+    if not lines:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    try:
+        for (arm, part, tag), series in lines.items():
+            _draw_band(ax, f"{arm}: {part}" if part else arm, band(series), len(series),
+                       floor=GAP_FLOOR if logy else None, style="--" if tag == M.VAL_LOSS else "-")
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        return save_figure_atomic(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_compare(runs: Mapping[str, Scalars], out_dir: Path, gap: Scalars | None = None,
+                 control_gap: Scalars | None = None) -> list[Path]:
+    """The standard curves with all `runs` overlaid, plus gap.png when `gap` has scalars (the control's gap
+    overlaid when given). Returns written paths."""
     out_dir = Path(out_dir)
     written = []
     for stem, title, ylabel, pattern, logy in CURVES:
@@ -145,7 +207,25 @@ def plot_compare(runs: Mapping[str, Scalars], out_dir: Path, gap: Scalars | None
         if p is not None:
             written.append(p)
     if gap:
-        p = plot_gap(gap, out_dir / "gap.png")
+        p = plot_gap(gap, out_dir / "gap.png", control=control_gap)
+        if p is not None:
+            written.append(p)
+    return written
+
+
+def plot_compare_seeds(arms: Mapping[str, Sequence[Scalars]], out_dir: Path,
+                       gaps: Mapping[str, Sequence[Scalars]] | None = None) -> list[Path]:
+    """plot_compare for several seeds: arm -> one Scalars per seed, each curve the mean with a mean ± sd band;
+    gaps: label (twin vs baseline, control vs baseline) -> one gap Scalars per seed."""
+    out_dir = Path(out_dir)
+    written = []
+    for stem, title, ylabel, pattern, logy in CURVES:
+        p = plot_bands(arms, out_dir / f"{stem}.png", title=title + " — mean ± sd over seeds", ylabel=ylabel,
+                       pattern=pattern, logy=logy)
+        if p is not None:
+            written.append(p)
+    if gaps:
+        p = plot_gap_bands(gaps, out_dir / "gap.png")
         if p is not None:
             written.append(p)
     return written

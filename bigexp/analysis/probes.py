@@ -23,6 +23,7 @@ from bigexp.atomic import atomic_open
 from bigexp.config.schema import Config
 from bigexp.data.loaders import build_val_loader
 from bigexp.data.ensure import ensure_betons
+from bigexp.errors import InputFileError
 from bigexp.optim.invariance import find_scale_invariant
 
 PROBES_DIR = "probes"
@@ -147,12 +148,23 @@ def probe_steps(run_dir: Path) -> dict:
     return dict(sorted(out.items()))
 
 
+def load_probe(path: Path) -> dict:
+    """One probe file; InputFileError naming it when it is truncated, corrupt or not a probe snapshot."""
+    try:
+        snap = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file: RuntimeError, EOFError, UnpicklingError, ... depending on where
+        raise InputFileError(f"{path}: unreadable probe file ({type(exc).__name__}: {exc}); move it away or rerun "
+                             f"that arm") from None
+    if not isinstance(snap, dict) or not {"logits", "logits_eval", "weights"} <= set(snap):
+        raise InputFileError(f"{path}: not a probe snapshot (expected a dict with logits, logits_eval, weights)")
+    return snap
+
+
 def compute_gap(base_dir: Path, twin_dir: Path) -> list:
     """[{"step": s, **gap scalars}] for every probe step both arms recorded, by step."""
     pa, pb = probe_steps(base_dir), probe_steps(twin_dir)
     rows = []
     for s in sorted(set(pa) & set(pb)):
-        a = torch.load(pa[s], map_location="cpu", weights_only=True)
-        b = torch.load(pb[s], map_location="cpu", weights_only=True)
+        a, b = load_probe(pa[s]), load_probe(pb[s])
         rows.append({"step": s, **snapshot_gap(a, b)})
     return rows

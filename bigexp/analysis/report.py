@@ -9,6 +9,11 @@ logging window), wall time (last minus first event wall_time, seconds, all scala
 train img/s, steps, the largest weight norm of the scale-invariant groups. Differences are arm minus baseline
 (the sgd arm when there is one).
 
+Several seeds (<logdir>/<arm>/seed<s>/, compare.seeds): per arm the mean ± sd over seeds of final and best top-1,
+and each arm minus the baseline paired by seed with a 95 % t interval and a verdict (bigexp.analysis.seeds); the
+plots draw mean lines with mean ± sd bands. The control arm (compare.control): its gap to the baseline beside the
+twin's, and per gap metric whether the twin departs faster than that float noise (bigexp.analysis.departure).
+
 The event files are read by bigexp.analysis.events, the PNGs drawn by bigexp.analysis.plots from the scalars read
 here; `plot_run` is the one-run version the training loop calls. The command line is bigexp.analysis.cli.
 """
@@ -22,8 +27,12 @@ from typing import Mapping, Optional
 
 import yaml
 
-from bigexp.analysis.events import BASELINE_ARM, GAP_RUN, has_event_files, load_scalar_events, load_scalars
-from bigexp.analysis.plots import plot_compare
+from bigexp.analysis.departure import departure_table
+from bigexp.analysis.events import (BASELINE_ARM, CONTROL_ARM, GAP_CONTROL_RUN, GAP_RUN, has_event_files,
+                                    load_scalar_events, load_scalars, seed_dirs, seed_run, split_seed_run)
+from bigexp.analysis.markdown import markdown_table
+from bigexp.analysis.plots import plot_compare, plot_compare_seeds
+from bigexp.analysis.seeds import seeds_section
 from bigexp.atomic import write_text_atomic
 from bigexp.run import metrics as M
 
@@ -32,8 +41,8 @@ DASH = "—"
 
 # ---------------------------------------------------------------------------------------------- runs
 def find_runs(logdir: Path | str) -> dict:
-    """name -> run directory: every direct subdirectory with event files (the arms, the gap run); the logdir itself
-    when it holds scalars (a single run). A logdir root that only holds the custom-scalars layout is not a run."""
+    """name -> run directory: every direct subdirectory with event files (the arms, the gap runs) and every seed
+    subdirectory of one (<arm>/seed<s>); the logdir itself when it holds scalars (a single run). A logdir root that only holds the custom-scalars layout is not a run."""
     logdir = Path(logdir)
     if not logdir.is_dir():
         raise FileNotFoundError(f"{logdir}: no such directory")
@@ -41,8 +50,11 @@ def find_runs(logdir: Path | str) -> dict:
     if load_scalars(logdir):
         runs[logdir.name or str(logdir)] = logdir
     for d in sorted(logdir.iterdir()):
-        if d.is_dir() and not d.name.startswith(".") and has_event_files(d):
-            runs[d.name] = d
+        if d.is_dir() and not d.name.startswith("."):
+            if has_event_files(d):
+                runs[d.name] = d
+            for seed, sd in seed_dirs(d).items():   # compare.seeds: <arm>/seed<s>, named "<arm>/seed<s>"
+                runs[seed_run(d.name, seed)] = sd
     return runs
 
 
@@ -139,12 +151,6 @@ def _fmt_diff(v, spec: str) -> str:
     return spec.replace("{:", "{:+").format(v)
 
 
-def markdown_table(headers: list, rows: list) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def arms_table(summaries: list) -> str:
     headers = ["run", "arm"] + [h for _, h, _ in COLUMNS]
     rows = [[s.name, s.arm or DASH] + [_fmt(getattr(s, a), f) for a, _, f in COLUMNS] for s in summaries]
@@ -152,8 +158,13 @@ def arms_table(summaries: list) -> str:
 
 
 def pick_baseline(summaries: list) -> Optional[ArmSummary]:
+    """The run named BASELINE_ARM (its first seed), else the first sgd run that is not the control, else the
+    first run."""
     for s in summaries:
-        if s.arm == BASELINE_ARM or (s.arm is None and s.name == BASELINE_ARM):
+        if split_seed_run(s.name)[0] == BASELINE_ARM:
+            return s
+    for s in summaries:
+        if s.arm == BASELINE_ARM and split_seed_run(s.name)[0] != CONTROL_ARM:
             return s
     return summaries[0] if summaries else None
 
@@ -209,8 +220,61 @@ class ReportResult:
     plots: list
     summaries: list
     baseline: Optional[ArmSummary]
-    gap: dict = field(default_factory=dict)
+    gap: dict = field(default_factory=dict)     # twin vs baseline (single seed; with seeds: the first seed's)
     text: str = ""
+    gaps: dict = field(default_factory=dict)    # gap run name (gap, gap_control, gap/seed<s>, ...) -> scalars
+
+
+def _pop_gap_runs(runs: dict) -> dict:
+    """Take the gap runs (twin and control, per seed) out of `runs`: {name: scalars}."""
+    names = [n for n in runs if split_seed_run(n)[0] in (GAP_RUN, GAP_CONTROL_RUN)]
+    return {n: {t: (v[0], v[1]) for t, v in load_scalar_events(runs.pop(n)).items()} for n in names}
+
+
+def _gap_parts(gaps: dict) -> list:
+    """The report's gap sections: per seed the twin's gap table, the control's, and whether the twin departs
+    faster than the control (float noise)."""
+    seeds = sorted({split_seed_run(n)[1] for n in gaps}, key=lambda s: -1 if s is None else s)
+    parts, departure_input = [], {}
+    for seed in seeds:
+        twin, control = gaps.get(seed_run(GAP_RUN, seed)), gaps.get(seed_run(GAP_CONTROL_RUN, seed))
+        where = "" if seed is None else f" (seed {seed})"
+        if twin:
+            parts += [f"### Baseline vs twin{where}", "", gap_table(twin), ""]
+        if control:
+            parts += [f"### Baseline vs control ({CONTROL_ARM}: float noise only){where}", "", gap_table(control), ""]
+        if twin and control:
+            departure_input[seed] = (twin, control)
+    if departure_input:
+        parts += ["### Twin vs float noise", "", departure_table(departure_input), ""]
+    if parts:
+        parts = ["## Equivalence gap on the probe batch", "",
+                 "Baseline vs twin, same seed and data order (see `gap/*` in TensorBoard); with compare.control "
+                 "also baseline vs the baseline from nudged weights (run `gap_control`).", ""] + parts
+    return parts
+
+
+def _by_arm(items: dict) -> dict:
+    """arm -> seed -> item for the runs named <arm>/seed<s> ({} when no run has a seed)."""
+    out: dict = {}
+    for name, item in items.items():
+        arm, seed = split_seed_run(name)
+        if seed is not None:
+            out.setdefault(arm, {})[seed] = item
+    return out
+
+
+def _plots(logdir: Path, ordered: dict, gaps: dict) -> list:
+    """plots/*.png: arms overlaid (and their seeds as mean ± sd bands), the gap(s)."""
+    by_arm = _by_arm(ordered)
+    if by_arm:
+        labelled = {label: [g for n, g in sorted(gaps.items()) if split_seed_run(n)[0] == run]
+                    for run, label in ((GAP_RUN, "twin vs baseline"),
+                                       (GAP_CONTROL_RUN, "control vs baseline (float noise)"))}
+        return plot_compare_seeds({a: list(per.values()) for a, per in by_arm.items()}, logdir / "plots",
+                                  gaps={k: v for k, v in labelled.items() if v})
+    return plot_compare(ordered, logdir / "plots", gap=gaps.get(GAP_RUN) or None,
+                        control_gap=gaps.get(GAP_CONTROL_RUN) or None)
 
 
 def build_report(logdir: Path | str, *, plots: bool = True) -> ReportResult:
@@ -219,37 +283,44 @@ def build_report(logdir: Path | str, *, plots: bool = True) -> ReportResult:
     FileNotFoundError when there is nothing to report; InputFileError (naming it) for a corrupt event file."""
     logdir = Path(logdir)
     runs = find_runs(logdir)
-    gap_events = load_scalar_events(runs.pop(GAP_RUN)) if GAP_RUN in runs else {}
-    gap = {t: (v[0], v[1]) for t, v in gap_events.items()}
+    gaps = _pop_gap_runs(runs)
     # Runs whose event files hold no scalars (e.g. a comparison's layout-only root inside a parent dir) are skipped.
     events = {name: ev for name, ev in ((n, load_scalar_events(d)) for n, d in runs.items()) if ev}
-    if not events and not gap:
+    if not events and not any(gaps.values()):
         raise FileNotFoundError(f"{logdir}: no TensorBoard event files with scalars here or in its subdirectories")
     summaries, scalars = [], {}
     for name, ev in events.items():
         scalars[name] = {t: (v[0], v[1]) for t, v in ev.items()}
         summaries.append(summarize_run(name, ev, run_arm(runs[name])))
     baseline = pick_baseline(summaries)
-    if baseline is not None:  # baseline first, the other arms after it in directory order
-        summaries = [baseline] + [s for s in summaries if s is not baseline]
+    if baseline is not None:  # baseline first, the other arms after it in directory order, each arm's seeds together
+        base_arm = split_seed_run(baseline.name)[0]
+        arm_order = {a: i for i, a in enumerate(dict.fromkeys(
+            [base_arm] + [split_seed_run(s.name)[0] for s in summaries if s is not baseline]))}
+        summaries.sort(key=lambda s: (s is not baseline, arm_order[split_seed_run(s.name)[0]],
+                                      split_seed_run(s.name)[1] or 0))
 
     ordered = {s.name: scalars[s.name] for s in summaries}  # baseline first, as in the table
-    written = plot_compare(ordered, logdir / "plots", gap=gap or None) if plots else []
+    written = _plots(logdir, ordered, gaps) if plots else []
     parts = [f"# bigexp report: {logdir}", "",
              f"Read from the TensorBoard event files. Unfinished runs are fine: not yet logged = {DASH}.", "",
              "## Arms", "", arms_table(summaries), ""]
-    if baseline is not None and len(summaries) > 1:
+    by_arm = _by_arm({s.name: s for s in summaries})
+    if by_arm and baseline is not None:
+        parts += ["## Seeds", "", seeds_section(by_arm, split_seed_run(baseline.name)[0]), ""]
+    elif baseline is not None and len(summaries) > 1:
         parts += [f"## Differences (run minus {baseline.name})", "", differences_table(summaries, baseline), ""]
-    if gap:
-        parts += ["## Equivalence gap on the probe batch", "",
-                  "Baseline vs twin, same seed and data order (see `gap/*` in TensorBoard).", "", gap_table(gap), ""]
+    parts += _gap_parts(gaps)
     if written:
         parts += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in written] + [""]
     text = "\n".join(parts)
     report_path = logdir / "report.md"
     write_text_atomic(report_path, text)
+    twin_gaps = sorted((-1 if seed is None else seed, n) for n in gaps
+                       for run, seed in [split_seed_run(n)] if run == GAP_RUN)
+    first_gap = gaps[twin_gaps[0][1]] if twin_gaps else {}
     return ReportResult(logdir=logdir, report_path=report_path, plots=written, summaries=summaries,
-                        baseline=baseline, gap=gap, text=text)
+                        baseline=baseline, gap=first_gap, text=text, gaps=gaps)
 
 
 def plot_run(run_dir: Path | str) -> list[Path]:

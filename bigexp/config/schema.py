@@ -83,10 +83,16 @@ class DataConfig:
                                             "model.channels_last.")
 
 
+# The architectures bigexp defines or has tuned configs for; `model.arch` also takes any torchvision
+# classification model name (checked by `bigexp.models.arch_error`, which imports torchvision only then).
+BIGEXP_ARCHS = ("resnet50", "resnet18", "preact_resnet32", "fmnist_resnet")
+
+
 @dataclass
 class ModelConfig:
-    arch: str = f("fmnist_resnet", "resnet50 | resnet18 | preact_resnet32 | fmnist_resnet.",
-                  choices=["resnet50", "resnet18", "preact_resnet32", "fmnist_resnet"])
+    arch: str = f("fmnist_resnet", "resnet50 | resnet18 | preact_resnet32 | fmnist_resnet, or any torchvision "
+                                   "classification model (torchvision.models.list_models(module="
+                                   "torchvision.models)), built with random weights.", model_arch=True)
     num_classes: int = f(10, "Classifier outputs.", gt=0)
     width: int = f(16, "Base width of the small nets (preact_resnet32, fmnist_resnet).", gt=0)
     zero_init_residual: bool = f(False, "Zero-init the last BN gamma of each residual block.")
@@ -150,6 +156,13 @@ class CompareConfig:
                         choices=["sgd", "expsgd"])
     probe_every_steps: int = f(50, "Lockstep compare: measure the equivalence gap every N steps.", gt=0)
     probe_batch: int = f(64, "Size of the fixed probe batch for the gap.", gt=0)
+    control: bool = f(False, "Also run the chaos-floor control arm sgd_perturbed: the baseline from weights nudged "
+                             "by a relative 1e-7 (w -> w*(1+1e-7*z)), same seed and data order; the report says "
+                             "per gap metric whether the twin departs from the baseline faster than that. "
+                             "Needs engine.precision fp32 and engine.zero_stage 0.")
+    seeds: list[int] = f([], "Run every arm for each of these seeds (run.seed = s, run dirs <arm>/seed<s>); the "
+                             "report gives mean ± sd and the paired twin − baseline difference with a 95 % "
+                             "interval. [] or one seed: the single-seed layout (one seed replaces run.seed).", ge=0)
 
 
 @dataclass

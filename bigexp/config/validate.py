@@ -18,9 +18,9 @@ import math
 import typing
 from typing import Any, Mapping, Optional
 
-from bigexp.config.schema import Config
+from bigexp.config.schema import BIGEXP_ARCHS, Config
 from bigexp.errors import ConfigError  # noqa: F401  (re-exported: raised here, caught by the CLI)
-from bigexp.optim.expmath import effective_lr, exp_form_bound, exp_form_exists
+from bigexp.optim.expmath import MIN_RENORM_BAND, effective_lr, exp_form_bound, exp_form_exists
 
 DEFAULT_SOURCE = "default"
 
@@ -138,6 +138,10 @@ def _rule_error(value: Any, meta: Mapping[str, Any]) -> Optional[str]:
                 return f"must be {op} {meta[key]}"
     if "choices" in meta and value not in meta["choices"]:
         return "must be one of " + ", ".join(str(c) for c in meta["choices"])
+    if meta.get("model_arch") and value not in BIGEXP_ARCHS:
+        # bigexp.models imports torch and torchvision (5-10 s): only for a config that names a torchvision model
+        from bigexp.models import arch_error
+        return arch_error(value)
     return None
 
 
@@ -252,13 +256,41 @@ def source_of(cfg: Config, path: str) -> str:
     return lookup_source(_sources(cfg), path)
 
 
+def _expsgd_errors(cfg: Config, at, src) -> list[str]:
+    """The rules of the expsgd arm (see `validate`); at/src format a key's value and source as validate does."""
+    optim, data, engine = cfg.optim, cfg.data, cfg.engine
+    errors: list[str] = []
+    if optim.nesterov:
+        errors.append(f"{at('optim.nesterov')}: optim.optimizer = 'expsgd' ({src('optim.optimizer')}) "
+                      f"refuses Nesterov momentum (the exponential-LR equivalence is for heavy-ball momentum)")
+    if engine.gradient_clipping > 0:
+        # the twin's gradients are A_t times the baseline's (its weights are 1/A_t larger): one threshold
+        # clips the two arms at different steps, and the equivalence breaks without a sign
+        errors.append(f"{at('engine.gradient_clipping')}: optim.optimizer = 'expsgd' ({src('optim.optimizer')}) "
+                      "refuses gradient clipping: its gradients are scaled by A_t against the baseline's, so "
+                      "clipping at the baseline's threshold silently breaks the equivalence; set "
+                      "engine.gradient_clipping=0")
+    if optim.renorm_band < MIN_RENORM_BAND:
+        errors.append(f"{at('optim.renorm_band')}: must be >= sqrt(2) = {MIN_RENORM_BAND:.6g} with optim.optimizer "
+                      f"= 'expsgd' ({src('optim.optimizer')}): renormalisation divides by a power of two, which "
+                      "lands within sqrt(2) of the initial norm")
+    err = exp_lr_condition_error(optim.lr, data.batch_size, optim.lr_reference_batch,
+                                 optim.weight_decay, optim.momentum)
+    if err is not None:
+        where = ", ".join(f"{p} {src(p)}" for p in ("optim.optimizer", "optim.lr", "optim.weight_decay",
+                                                     "optim.momentum"))
+        errors.append(f"{err} ({where})")
+    return errors
+
+
 def validate(cfg: Config, *, world_size: int | None = None) -> None:
     """Raise ConfigError (listing every problem) unless `cfg` is usable.
 
     Re-checks every field (a Config may have been edited in code), then the cross-field rules:
     milestones sorted and within (0, run.epochs]; min_res <= max_res; end_ramp >= start_ramp;
     data.batch_size divisible by world_size × engine.grad_accum (only when world_size is given);
-    expsgd refuses nesterov; expsgd needs ηλ <= (1-√γ)² (`bigexp.optim.expmath.exp_form_exists`).
+    expsgd refuses nesterov and gradient clipping, needs renorm_band >= √2 and ηλ <= (1-√γ)²
+    (`bigexp.optim.expmath.exp_form_exists`).
     """
     if not isinstance(cfg, Config):
         raise ConfigError(f"expected a bigexp Config, got {type(cfg).__name__}")
@@ -319,15 +351,7 @@ def validate(cfg: Config, *, world_size: int | None = None) -> None:
                       f"({src('run.device')}); use bf16 or fp32 on CPU")
 
     if optim.optimizer == "expsgd":
-        if optim.nesterov:
-            errors.append(f"{at('optim.nesterov')}: optim.optimizer = 'expsgd' ({src('optim.optimizer')}) "
-                          f"refuses Nesterov momentum (the exponential-LR equivalence is for heavy-ball momentum)")
-        err = exp_lr_condition_error(optim.lr, data.batch_size, optim.lr_reference_batch,
-                                     optim.weight_decay, optim.momentum)
-        if err is not None:
-            where = ", ".join(f"{p} {src(p)}" for p in ("optim.optimizer", "optim.lr", "optim.weight_decay",
-                                                         "optim.momentum"))
-            errors.append(f"{err} ({where})")
+        errors.extend(_expsgd_errors(cfg, at, src))
 
     if errors:
         raise ConfigError(errors)

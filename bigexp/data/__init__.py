@@ -1,6 +1,7 @@
 """FFCV data pipeline: writing .beton files and the loaders built on them.
 
   beton.py        what every .beton shares: fields, the atomic writer that cannot hang, class list, check_beton
+  integrity.py    the size/sha256 record beside each .beton and the checks against it (load, `bigexp data verify`)
   imagefolder.py  ImageFolder tree (ImageNet layout) -> .beton
   fmnist.py       Fashion-MNIST idx files -> .beton
   ensure.py       ensure_betons: the files a config needs, rank 0 writes, the others wait

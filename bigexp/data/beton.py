@@ -2,7 +2,9 @@
 
 A .beton is written under a temporary name in its destination directory, fsynced and renamed onto its final
 name, so a crash or a bad image never leaves a half-written .beton where a loader (or a waiting rank) would take
-it for a finished one. The class list beside it goes through `bigexp.atomic`.
+it for a finished one. The class list beside it goes through `bigexp.atomic`; the size/sha256 record beside it
+(`bigexp.data.integrity`) is written from the finished temp file just before the rename, and `check_beton` holds
+every load to it.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from bigexp.atomic import fsync_dir, write_text_atomic
+from bigexp.data import integrity
 from bigexp.errors import DataError  # noqa: F401  (re-exported: bigexp.data's error, raised throughout)
 
 # FFCV's RGBImageField write modes.
@@ -202,6 +205,8 @@ def write_indexed_dataset(dataset, out_path, fields: dict, *, num_workers: Optio
     with _atomic_path(out_path) as tmp:
         writer = Writer(str(tmp), fields, num_workers=workers, progress=progress, desc=desc, final=str(out_path))
         writer.from_indexed_dataset(dataset, chunksize=chunksize)
+        # The record describes the finished temp file and is in place before the rename (bigexp.data.integrity).
+        integrity.write_sidecar(out_path, integrity.describe(tmp, _reader(tmp, out_path), classes_path_for(out_path)))
     return out_path.stat().st_size
 
 
@@ -209,27 +214,58 @@ def write_indexed_dataset(dataset, out_path, fields: dict, *, num_workers: Optio
 # Checking an existing .beton
 # ----------------------------------------------------------------------------------------------
 
-def check_beton(path) -> int:
-    """Raise DataError naming `path` unless it is a .beton with exactly the fields
-    image (RGBImageField) and label (IntField). Returns the number of samples."""
+def _reader(path: Path, shown: Optional[Path] = None):
+    """ffcv's Reader of `path`, after integrity.check_header has bounded what it will allocate; DataError naming
+    `shown` (default `path`) when it cannot read it."""
+    from ffcv.reader import Reader
+
+    shown = shown or path
+    integrity.check_header(path, path.stat().st_size)
+    try:
+        return Reader(str(path))
+    except Exception as exc:  # corrupt header, wrong version, truncated file ...
+        raise DataError(f"{shown}: not a readable FFCV .beton file ({type(exc).__name__}: {exc})") from exc
+
+
+def check_beton(path, *, full_hash: Optional[bool] = None, progress: bool = False) -> int:
+    """Raise DataError naming `path` unless it is a complete .beton with exactly the fields image (RGBImageField)
+    and label (IntField), matching what its writer recorded. Returns the number of samples.
+
+    full_hash: also compare the sha256 (None: only for files up to integrity.FULL_HASH_ON_LOAD_MAX_BYTES, once
+    per process). A file without a record (written before bigexp kept them) is checked for structure, with a
+    warning once."""
     import_ffcv()
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.reader import Reader
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: .beton file not found{relative_path_note(path)}")
-    try:
-        reader = Reader(str(path))
-    except Exception as exc:  # corrupt header, wrong version, truncated file ...
-        raise DataError(f"{path}: not a readable FFCV .beton file ({type(exc).__name__}: {exc})") from exc
+    info = integrity.read_sidecar(path)
+    size = path.stat().st_size
+    integrity.check_size(path, size, info)
+    if info is not None and (full_hash or (full_hash is None and size <= integrity.FULL_HASH_ON_LOAD_MAX_BYTES)):
+        integrity.check_hash(path, info, progress=progress)
+    reader = _reader(path)
     want = {"image": RGBImageField, "label": IntField}
-    got = {name: type(h).__name__ for name, h in reader.handlers.items()}
+    got = integrity.field_types(reader)
     if list(reader.handlers) != list(EXPECTED_FIELDS) or not all(
             isinstance(reader.handlers[k], t) for k, t in want.items()):
         raise DataError(f"{path}: .beton has fields {got}; expected "
                         f"{{'image': 'RGBImageField', 'label': 'IntField'}} (write it with `bigexp data`)")
     if int(reader.num_samples) == 0:
         raise DataError(f"{path}: .beton holds no samples")
+    integrity.check_structure(path, reader, info)
+    integrity.check_classes(path, classes_path_for(path), reader.metadata["f1"], info)
+    if info is None and full_hash is None:
+        integrity.warn_unrecorded(path)
     return int(reader.num_samples)
 
+
+def record_beton(path) -> Path:
+    """Write the integrity record of an existing .beton that has none (from its bytes as they are now, after the
+    structure check): `bigexp data verify --record`. Returns the sidecar's path."""
+    path = Path(path)
+    if integrity.read_sidecar(path) is not None:
+        raise DataError(f"{path}: already has {integrity.sidecar_path_for(path).name}; not overwriting it")
+    check_beton(path, full_hash=False)
+    return integrity.write_sidecar(path, integrity.describe(path, _reader(path), classes_path_for(path)))

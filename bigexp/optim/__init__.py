@@ -4,6 +4,7 @@
     groups, report = param_groups(model, batch, lr=0.1, weight_decay=5e-4)   # runs find_scale_invariant
     opt = ExpSGD(groups, lr=0.1, momentum=0.9, weight_decay=5e-4,
                  on_renorm=running_stats_rescaler(model, report, groups))
+    opt = ExpSGD.for_model(model, batch, lr=0.1, momentum=0.9, weight_decay=5e-4)   # the same, in one line
 
 The pure math (expmath: numpy only) and the schedules (math only) are imported here directly. ExpSGD and the
 invariance detector need torch, so they are imported on first use (module `__getattr__`): bigexp.config checks
@@ -22,12 +23,16 @@ from bigexp.optim.schedules import (BaseSchedule, ConstantSchedule, CosineSchedu
                                     StepSchedule, build_schedule, scheduler_factory)
 
 if TYPE_CHECKING:
+    from bigexp.optim.dropin import GradCosAudit, attach_deepspeed, grad_cosines
     from bigexp.optim.expsgd import ExpSGD
     from bigexp.optim.invariance import InvarianceReport, find_scale_invariant, param_groups, running_stats_rescaler
 
 # name -> module, for the torch-backed names (see the module docstring for why they are lazy)
 _LAZY = {
     "ExpSGD": "bigexp.optim.expsgd",
+    "attach_deepspeed": "bigexp.optim.dropin",
+    "grad_cosines": "bigexp.optim.dropin",
+    "GradCosAudit": "bigexp.optim.dropin",
     "InvarianceReport": "bigexp.optim.invariance",
     "find_scale_invariant": "bigexp.optim.invariance",
     "param_groups": "bigexp.optim.invariance",
@@ -37,6 +42,8 @@ _LAZY = {
 __all__ = [
     # optimizer and its param groups
     "ExpSGD", "find_scale_invariant", "param_groups", "running_stats_rescaler", "InvarianceReport",
+    # dropping ExpSGD into another script (ExpSGD.for_model, then attach_deepspeed under DeepSpeed)
+    "attach_deepspeed", "grad_cosines", "GradCosAudit",
     # the equivalence as numbers
     "alpha", "effective_lr", "exp_form_bound", "exp_form_exists", "constant_exp_lr", "equivalent_schedule",
     "equivalent_log_schedule", "texp_schedule", "texp_log_schedule", "renorm_factor",

@@ -31,8 +31,11 @@ def config_lr(cfg: Config) -> float:
     return effective_lr(cfg.optim.lr, cfg.data.batch_size, cfg.optim.lr_reference_batch)
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module, example_input: torch.Tensor) -> BuiltOptimizer:
-    """The arm `cfg.optim.optimizer` names, over param groups found by `param_groups` (see the module docstring)."""
+def build_optimizer(cfg: Config, model: torch.nn.Module, example_input: torch.Tensor,
+                    fused: bool = False) -> BuiltOptimizer:
+    """The arm `cfg.optim.optimizer` names, over param groups found by `param_groups` (see the module docstring).
+
+    fused: torch's fused SGD kernel for either arm (else the foreach kernels)."""
     oc = cfg.optim
     lr = config_lr(cfg)
     groups, report = param_groups(model, example_input, lr=lr, weight_decay=oc.weight_decay,
@@ -42,17 +45,24 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, example_input: torch.Te
     names = [g.get("name", f"group{i}") for i, g in enumerate(groups)]
     if oc.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=lr, momentum=oc.momentum, weight_decay=oc.weight_decay,
-                              nesterov=oc.nesterov, foreach=True)
+                              nesterov=oc.nesterov, foreach=not fused, fused=fused or None)
         on_renorm = None
     else:
         on_renorm = running_stats_rescaler(model, report, groups)
         opt = ExpSGD(groups, lr=lr, momentum=oc.momentum, weight_decay=oc.weight_decay, nesterov=oc.nesterov,
-                     renorm_every=oc.renorm_every, renorm_band=oc.renorm_band, on_renorm=on_renorm)
+                     renorm_every=oc.renorm_every, renorm_band=oc.renorm_band, on_renorm=on_renorm, fused=fused)
     return BuiltOptimizer(optimizer=opt, report=report, on_renorm=on_renorm, base_lr=lr, group_names=names)
 
 
-def group_stats(optimizer: torch.optim.Optimizer, group_names: list) -> dict:
-    """Per-group scalars for logging, for either arm: base/applied LR, weight norm, and the exp-LR bookkeeping."""
+def group_stats(optimizer: torch.optim.Optimizer, group_names: list,
+                norm_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict:
+    """Per-group scalars for logging, for either arm: base/applied LR, weight norm, and the exp-LR bookkeeping.
+
+    norm_reduce maps the float64 vector of per-group sums of squares of this rank's params to the global sums
+    (a SUM all-reduce when the params are ZeRO shards; default: `optimizer.norm_reduce`, which the engine sets
+    on either arm when masters are sharded, else none): both arms then log the norm of the whole group, not
+    rank 0's shard. A collective then: every rank calls this (the training loop does).
+    """
     out = {}
     if hasattr(optimizer, "group_stats"):
         for name, st in zip(group_names, optimizer.group_stats()):
@@ -60,12 +70,18 @@ def group_stats(optimizer: torch.optim.Optimizer, group_names: list) -> dict:
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     out[f"opt/{name}/{k}"] = float(v)
         return out
-    for name, g in zip(group_names, optimizer.param_groups):
-        with torch.no_grad():
-            sq = sum(float(p.detach().float().pow(2).sum()) for p in g["params"])
+    reduce = norm_reduce if norm_reduce is not None else getattr(optimizer, "norm_reduce", None)
+    # on the params' device: an NCCL all-reduce needs the vector there
+    device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
+    with torch.no_grad():
+        sq = torch.stack([sum((p.detach().double().pow(2).sum() for p in g["params"]),
+                              torch.zeros((), dtype=torch.float64, device=device)) for g in optimizer.param_groups])
+        if reduce is not None:
+            sq = reduce(sq)
+    for name, g, s in zip(group_names, optimizer.param_groups, sq.tolist()):  # one device->host read
         out[f"opt/{name}/base_lr"] = float(g["lr"])
         out[f"opt/{name}/applied_lr"] = float(g["lr"])
-        out[f"opt/{name}/weight_norm"] = sq ** 0.5
-        if sq > 0:
-            out[f"opt/{name}/effective_lr"] = float(g["lr"]) / sq
+        out[f"opt/{name}/weight_norm"] = s ** 0.5
+        if s > 0:
+            out[f"opt/{name}/effective_lr"] = float(g["lr"]) / s
     return out

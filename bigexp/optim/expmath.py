@@ -48,7 +48,10 @@ __all__ = [
     "constant_exp_lr",
     "texp_log_schedule",
     "texp_schedule",
+    "renorm_log2",
     "renorm_factor",
+    "reduce_log_a",
+    "MIN_RENORM_BAND",
 ]
 
 
@@ -353,8 +356,8 @@ def texp_schedule(lr: float, weight_decay: float, momentum: float, milestones_st
         return np.exp(log_lr)
 
 
-def renorm_factor(norm: float, target_norm: float) -> float:
-    """c = norm/target_norm: divide the weights by c, multiply momentum buffers and A by c.
+def renorm_log2(norm: float, target_norm: float) -> int:
+    """k = round(log2(norm/target_norm)): the exponent of the power-of-two renormalisation factor c = 2**k.
 
     Both must be finite and > 0 (a zero or non-finite norm cannot be renormalised).
     """
@@ -362,4 +365,40 @@ def renorm_factor(norm: float, target_norm: float) -> float:
         raise ValueError(f"cannot renormalise a group with weight norm {norm!r} (must be finite and > 0)")
     if not (math.isfinite(target_norm) and target_norm > 0.0):
         raise ValueError(f"target_norm must be finite and > 0, got {target_norm!r}")
-    return norm / target_norm
+    # log2 of each (not of the quotient): norm/target_norm could overflow for norms ~1e300 apart
+    return int(round(math.log2(norm) - math.log2(target_norm)))
+
+
+def renorm_factor(norm: float, target_norm: float) -> float:
+    """c = 2**round(log2(norm/target_norm)): divide the weights by c, multiply momentum buffers and A by c.
+
+    A power of two, so that every one of those rescalings is exact in binary floating point (barring
+    subnormals): renormalising changes no bit of the trajectory, in any precision. The cost: the norm lands
+    within a factor sqrt(2) of target_norm, not on it. See `renorm_log2` for the argument checks.
+    """
+    return math.ldexp(1.0, renorm_log2(norm, target_norm))
+
+
+# ln 2 split Cody-Waite style (fdlibm's constants): LN2_HI has 32 trailing zero bits, so m*LN2_HI is exact for
+# |m| < 2**20, and LN2_HI + LN2_LO is ln 2 to ~1e-27.
+_LN2_HI = 6.93147180369123816490e-01
+_LN2_LO = 1.90821492927058770002e-10
+
+
+def reduce_log_a(hi: float, lo: float) -> tuple[int, float, float]:
+    """Move whole powers of two out of log A = hi + lo: returns (m, hi', lo') with log A = m*ln2 + hi' + lo'.
+
+    The optimizer carries A = 2**E * exp(hi + lo): E is an integer (renormalisations add to it exactly), and
+    this keeps |hi + lo| <= ln 2 so the applied LR's exp() never overflows however long the run. The split
+    depends on (hi, lo) alone, never on renormalisations, so a run with renormalisations carries the very
+    same (hi, lo) as one without (the bitwise-equality argument in `bigexp.optim.expsgd`). hi - m*LN2_HI is
+    exact (Sterbenz); the rounding left is m*ulp(LN2_LO) ~ 1e-26*m, far below the compensated sum's.
+    """
+    if abs(hi) <= _LN2_HI:
+        return 0, hi, lo
+    m = int(round((hi + lo) / (_LN2_HI + _LN2_LO)))
+    return m, hi - m * _LN2_HI, lo - m * _LN2_LO
+
+
+# The smallest norm band a power-of-two renormalisation can always land inside: |log2(|w|/n0) - k| <= 1/2.
+MIN_RENORM_BAND = math.sqrt(2.0)

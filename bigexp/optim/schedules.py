@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
+from bigexp.errors import CheckpointError
+
 __all__ = [
     "BaseSchedule",
     "ConstantSchedule",
@@ -213,7 +215,14 @@ class ParamGroupScheduler:
                 "base_weight_decays": [g["base_weight_decay"] for g in self.optimizer.param_groups]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the step and the groups' base values; the schedule itself comes from the (current) config."""
+        """Restore the step and the groups' base values; the schedule itself comes from the (current) config
+        and must be the one saved: a changed schedule raises CheckpointError naming what changed (a resumed
+        run with another schedule is another experiment, and would otherwise continue silently)."""
+        changed = schedule_changes(state.get("schedule"), self.schedule.describe())
+        if changed:
+            raise CheckpointError(
+                "the checkpoint was written under another LR schedule: " + "; ".join(changed) +
+                ". Resume with the config it was trained with, or start a new run directory")
         n = len(self.optimizer.param_groups)
         if len(state["base_lrs"]) != n:
             raise ValueError(f"scheduler state has {len(state['base_lrs'])} param groups, the optimizer has {n}")
@@ -221,6 +230,14 @@ class ParamGroupScheduler:
             g["base_lr"], g["base_weight_decay"] = float(lr), float(wd)
         self.last_step = int(state["last_step"])
         self._apply()
+
+
+def schedule_changes(saved: Any, current: dict) -> list[str]:
+    """'key: saved -> current' for every schedule parameter that differs ([] when equal, or nothing was saved)."""
+    if saved is None:
+        return []
+    return [f"schedule.{k}: {saved.get(k)!r} (checkpoint) -> {current.get(k)!r} (now)"
+            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
 
 
 def scheduler_factory(schedule: BaseSchedule) -> Callable[[Any], ParamGroupScheduler]:

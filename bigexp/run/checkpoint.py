@@ -66,7 +66,11 @@ def verify_checkpoint(path: Path, *, deep: bool = True) -> dict:
         manifest = json.loads(mpath.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{mpath}: unreadable manifest ({e})") from e
-    for rel, meta in manifest.get("files", {}).items():
+    files = manifest.get("files", {}) if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(m, dict) and isinstance(m.get("size"), int)
+                                              and isinstance(m.get("sha256"), str) for m in files.values()):
+        raise CheckpointError(f"{mpath}: not a checkpoint manifest (expected files: {{name: {{size, sha256}}}})")
+    for rel, meta in files.items():
         f = path / rel
         if not f.is_file():
             raise CheckpointError(f"{f}: missing (listed in {mpath})")

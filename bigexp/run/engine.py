@@ -15,6 +15,7 @@ import torch
 
 from bigexp.config.schema import Config
 from bigexp.errors import ConfigError
+from bigexp.optim.dropin import attach_deepspeed, masters_are_sharded  # noqa: F401 - masters_are_sharded re-exported
 from bigexp.run.distributed import DistContext
 
 # engine.precision -> the dtype of the model's inputs (and of the loaders' output): the one map, used by the loop too.
@@ -62,18 +63,6 @@ def deepspeed_config(cfg: Config, *, world_size: int) -> dict:
     return ds
 
 
-def masters_are_sharded(engine) -> bool:
-    """True when the client optimizer's params are flat 1-D shards of the masters (ZeRO 1, BF16_Optimizer).
-
-    Then a group's norm needs the sum of squares from every data-parallel rank.
-    """
-    # deepspeed is imported only once an engine exists: importing it costs seconds (CLI start, config errors).
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    return isinstance(engine.optimizer, (BF16_Optimizer, DeepSpeedZeroOptimizer))
-
-
 @dataclass
 class Engine:
     """The DeepSpeed engine plus what the loop needs beside it."""
@@ -110,8 +99,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Opt
     ds_cfg = deepspeed_config(cfg, world_size=ctx.world_size)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=ds_cfg, dist_init_required=False)
-    sharded = masters_are_sharded(engine)
-    if sharded and hasattr(optimizer, "norm_reduce"):
+    sharded = attach_deepspeed(engine, optimizer, ctx.all_reduce_sum)   # the same call a user's script makes
+    if sharded and not hasattr(optimizer, "norm_reduce"):  # torch SGD: optim.build.group_stats logs whole-group norms
         optimizer.norm_reduce = ctx.all_reduce_sum
     return Engine(ds=engine, client_optimizer=optimizer, scheduler=scheduler,
                   dtype=precision_dtype(cfg.engine.precision), sharded=sharded)

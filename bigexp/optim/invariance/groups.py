@@ -65,9 +65,10 @@ def _group_sets(gi: int, g: dict, names: set, entry: dict, report: InvarianceRep
     return set_ids
 
 
-def _stats_plan(set_ids: set, report: InvarianceReport, buffers: dict) -> list:
-    """[(running_mean or None, running_var or None, degree)] of every BatchNorm absorbing these sets; a norm
-    absorbing several of them gets the sum of their degrees (the group's weights are all divided by c)."""
+def _stats_plan(set_ids: set, report: InvarianceReport) -> list:
+    """[(running_mean name or None, running_var name or None, degree)] of every BatchNorm absorbing these sets; a
+    norm absorbing several of them gets the sum of their degrees (the group's weights are all divided by c).
+    Names, not tensors: see `running_stats_rescaler` for why the buffers are looked up when the hook runs."""
     degree: dict = {}
     for si in sorted(set_ids):
         for u in report.sets[si].norms:
@@ -75,7 +76,7 @@ def _stats_plan(set_ids: set, report: InvarianceReport, buffers: dict) -> list:
                 continue
             key = (u.running_mean, u.running_var)
             degree[key] = degree.get(key, 0) + u.degree
-    return [(buffers[rm] if rm else None, buffers[rv] if rv else None, d) for (rm, rv), d in degree.items()]
+    return [(rm, rv, d) for (rm, rv), d in degree.items()]
 
 
 def running_stats_rescaler(model: nn.Module, report: InvarianceReport, groups) -> Callable[[int, float], None]:
@@ -85,28 +86,35 @@ def running_stats_rescaler(model: nn.Module, report: InvarianceReport, groups) -
     outputs are unchanged up to BN's eps. GroupNorm/LayerNorm keep no running statistics and need nothing.
 
     groups: the list returned by `param_groups` (or the optimizer's param_groups, same order). A group must hold
-    whole sets of the report; plain groups get a no-op.
+    whole sets of the report; plain groups get a no-op. The buffers are found by qualified name on `model` each
+    time the hook runs, so it stays right after the model moves device or dtype (pass the bare module: a DeepSpeed
+    engine's or DDP's `.module` is the same object).
     """
     name_of = {id(p): n for n, p in model.named_parameters()}
-    name_of = {id(p): n for n, p in model.named_parameters()}
     entry = {e.name: e for e in report.entries}
-    buffers = dict(model.named_buffers())
     plans = []
     for gi, g in enumerate(groups):
         if not g.get("scale_invariant", False):
             plans.append([])
             continue
         names = {name_of[id(p)] for p in g["params"]}
-        plans.append(_stats_plan(_group_sets(gi, g, names, entry, report), report, buffers))
+        plans.append(_stats_plan(_group_sets(gi, g, names, entry, report), report))
+    missing = {n for plan in plans for rm, rv, _ in plan for n in (rm, rv) if n} - dict(model.named_buffers()).keys()
+    if missing:
+        raise ValueError(f"running_stats_rescaler: the model has no buffers {sorted(missing)} named in the report")
 
     def rescale(group_index: int, c: float) -> None:
         if not c > 0:
             raise ValueError(f"running_stats_rescaler: c must be > 0, got {c!r}")
+        # Looked up now, on the live model: Module.to() / .cuda() / deepspeed.initialize REPLACE buffer tensors
+        # (parameters keep their identity), so references taken at construction would be dead copies after the
+        # model moved to the GPU, and every renormalisation would rescale those instead (issue 17, bug 2).
+        buffers = dict(model.named_buffers())
         with torch.no_grad():
             for rm, rv, d in plans[group_index]:
                 if rm is not None:
-                    rm.div_(c ** d)
+                    buffers[rm].div_(c ** d)
                 if rv is not None:
-                    rv.div_(c ** (2 * d))
+                    buffers[rv].div_(c ** (2 * d))
 
     return rescale
