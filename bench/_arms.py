@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16_autocast": torch.float32}
 
 
 @dataclass
@@ -89,7 +89,7 @@ def build_pair(cfg, ctx, *, res: int, batch: int, seed: int = 0, with_plain: boo
     plain_model = plain_model.to(ctx.device).train()
     opt = torch.optim.SGD(plain_model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                           weight_decay=cfg.optim.weight_decay, foreach=True)
-    use_autocast = cfg.engine.precision == "bf16"
+    use_autocast = cfg.engine.precision in ("bf16", "bf16_autocast")
     dev_type = ctx.device.type
 
     def plain_step():

@@ -7,4 +7,7 @@ VENV=${BIGEXP_VENV:-$ROOT/.venv}
 cd "$ROOT"
 # torchrun children import bigexp from this checkout, not from whichever clone was installed last.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# The venv first on PATH for every child: torch builds DeepSpeed's CPU op with whichever `ninja` comes first, and the
+# venv's (1.13) and Debian's (1.11) disagree about whether that build is current, so mixed PATHs rebuild it each time.
+export PATH="$VENV/bin:$PATH"
 exec "$VENV/bin/python" -m pytest "$@"

@@ -11,10 +11,11 @@ PYTHON=${PYTHON:-python}
 OPTS=(); while [ $# -gt 0 ] && [[ $1 == -* ]]; do OPTS+=("$1"); shift; done
 CONFIG=${1:?usage: $0 [sbatch options] CONFIG [key=value ...]}; shift
 
-IFS=$'\t' read -r N LOGDIR NAME < <("$PYTHON" -m bigexp config --config "$CONFIG" "$@" | "$PYTHON" -c '
+IFS=$'\t' read -r N LOGDIR NAME ARM_NAMES < <("$PYTHON" -m bigexp config --config "$CONFIG" "$@" | "$PYTHON" -c '
 import sys, yaml
-c = yaml.safe_load(sys.stdin)
-print(len(c["compare"]["arms"]), c["run"]["out_dir"] + "/" + c["run"]["name"], c["run"]["name"], sep="\t")') ||
+c = yaml.safe_load(sys.stdin) or sys.exit(2)   # bigexp config said why
+arms = c["compare"]["arms"]
+print(len(arms), c["run"]["out_dir"] + "/" + c["run"]["name"], c["run"]["name"], " ".join(arms), sep="\t")') ||
   { echo "compare_array: could not resolve $CONFIG $*" >&2; exit 2; }
 mkdir -p "$LOGDIR"
 
@@ -25,5 +26,5 @@ ARMS=${ARMS%%;*}   # "jobid;cluster" on federated clusters
 REPORT=$(sbatch --parsable --dependency="afterok:$ARMS" --kill-on-invalid-dep=yes --job-name="bigexp-$NAME-report" \
   "${OPTS[@]}" --nodes=1 --ntasks=1 --output="$LOGDIR/slurm-report-%j.out" \
   --wrap="$(printf '%q ' "$PYTHON" -m bigexp compare --config "$CONFIG" --layout-only "$@")")
-echo "arms:   job $ARMS (array 0-$((N - 1)): one per compare.arms), logs slurm-bigexp-$NAME-${ARMS}_<task>.out"
+echo "arms:   job $ARMS, array tasks 0-$((N - 1)): $ARM_NAMES (run directories under $LOGDIR/)"
 echo "report: job ${REPORT%%;*} after every arm succeeded (afterok), log $LOGDIR/slurm-report-${REPORT%%;*}.out"

@@ -70,6 +70,8 @@ MpiDefault=none
 ProctrackType=$pt
 TaskPlugin=task/none
 ReturnToService=2
+# scontrol show job keeps a finished job for an hour (default 5 min); sacct --completion has it for good.
+MinJobAge=3600
 SchedulerType=sched/backfill
 # Look at the queue every 5 s (requeued and dependent jobs start within seconds, not at the default 60 s).
 SchedulerParameters=sched_interval=5,bf_interval=5

@@ -139,7 +139,8 @@ def test_a_damaged_checkpoint_named_by_resume_exits_2_and_leaves_the_run_alone(t
     ckpt = fake_checkpoint(tmp_path / "runs" / "r" / "checkpoints", 10)
     (ckpt / "manifest.json").write_bytes((ckpt / "manifest.json").read_bytes()[:40])
     before = tree_digest(tmp_path / "runs")
-    args = train_args(str(BASE), tmp_path / "runs", data, "r", "run.threads=1")
+    args = train_args(str(BASE), tmp_path / "runs", data, "r", "run.threads=1", "data.batch_size=32",
+                      "data.num_workers=1", "model.width=8")
     r = run_group([sys.executable, *args, "--resume", str(ckpt)], timeout=300, merge_stderr=False)
     assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
     assert f"{ckpt / 'manifest.json'}: unreadable manifest" in r.stderr and "Traceback" not in r.stderr, r.stderr

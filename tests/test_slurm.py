@@ -43,8 +43,8 @@ DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMO
         "PREEMPTED"}
 
 
-def _sh(*cmd, timeout=60, check=True) -> str:
-    r = subprocess.run([str(c) for c in cmd], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def _sh(*cmd, timeout=60, check=True, env=None) -> str:
+    r = subprocess.run([str(c) for c in cmd], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     if check and r.returncode:
         raise AssertionError(f"{' '.join(map(str, cmd))}: rc {r.returncode}\n{r.stdout}{r.stderr}")
     return r.stdout
@@ -118,13 +118,25 @@ def read(p: Path) -> str:
 
 
 class Waiter:
-    """Polls with one deadline for the whole fixture; a failure shows the log being waited on."""
+    """Polls with one deadline for the whole fixture; a failure shows the log being waited on. Every 2 s it also
+    keeps `scontrol show job` of each submitted job that has ended (slurmctld forgets it after MinJobAge)."""
 
     def __init__(self, timeout: float):
         self.end = time.monotonic() + timeout
+        self.ids: list[int] = []
+        self.ended: dict[int, list[dict]] = {}
+        self.last = 0.0
+
+    def track(self):
+        for i in self.ids:
+            if i not in self.ended and ended(i):
+                self.ended[i] = infos(i)
+        self.last = time.monotonic()
 
     def until(self, what: str, pred, log: Path, poll: float = 0.2):
         while time.monotonic() < self.end:
+            if time.monotonic() - self.last > 2:
+                self.track()
             v = pred()
             if v:
                 return v
@@ -138,8 +150,8 @@ def jobs(cluster, tmp_path_factory):
     (tmp / "data").mkdir()
     data = fmnist_betons(tmp / "data", train=512, val=128)
     rec: dict = {"tmp": tmp}
-    ids: list[int] = []
     w = Waiter(TIMEOUT_S)
+    ids = w.ids
     t0 = time.monotonic()
     try:
         # the interrupted job first: it is the one whose timing matters
@@ -152,7 +164,8 @@ def jobs(cluster, tmp_path_factory):
                                env=job_env(NPROC_PER_NODE="2"))
         ids.append(rec["ref_id"])
         out = _sh("bash", "slurm/compare_array.sh", "-s", "--ntasks=1", f"--output={tmp}/arm-%a.out",
-                  "configs/fmnist/base.yaml", *small_overrides(data, tmp / "cmp"), "log.plots=false", timeout=120)
+                  "configs/fmnist/base.yaml", *small_overrides(data, tmp / "cmp"), "log.plots=false", timeout=120,
+                  env=job_env())
         rec["array_out"] = out
         rec["arms_id"], rec["report_id"] = (int(x) for x in re.findall(r"job (\d+)", out))
         ids += [rec["arms_id"], rec["report_id"]]
@@ -187,11 +200,10 @@ def jobs(cluster, tmp_path_factory):
         w.until("a checkpoint after the second resume", lambda: steps_saved(run_dir)[-1] > r2, log)
         _sh("scontrol", "requeue", jid)
 
-        for i in ids:
-            w.until(f"job {i} to end", lambda: ended(i), log, poll=1)
+        w.until("every job to end", lambda: w.track() or len(w.ended) == len(ids), log, poll=1)
         rec["wall_s"] = time.monotonic() - t0
-        rec["info"] = {i: info(i) for i in ids}
-        rec["arms"] = infos(rec["arms_id"])
+        rec["info"] = {i: w.ended[i][0] for i in ids}
+        rec["arms"] = w.ended[rec["arms_id"]]
         print({k: v for k, v in rec.items() if k in ("c", "wall_s")})
         return rec
     finally:

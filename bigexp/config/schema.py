@@ -135,9 +135,13 @@ class ScheduleConfig:
 
 @dataclass
 class EngineConfig:
-    precision: str = f("fp32", "fp32 | bf16 | fp16 (fp16 needs a GPU; dynamic loss scaling).",
-                       choices=["fp32", "bf16", "fp16"])
-    zero_stage: int = f(0, "DeepSpeed ZeRO stage (0 or 1).", ge=0, le=1)
+    precision: str = f("fp32", "fp32 | bf16 | bf16_autocast | fp16. bf16 casts the whole model, BatchNorm "
+                               "statistics included, to bf16 (fp32 masters in the optimizer); bf16_autocast keeps "
+                               "weights, BN statistics and optimizer fp32 and runs convs/matmuls in bf16 under "
+                               "torch.autocast (what a GPU ResNet user should pick); fp16 needs a GPU (dynamic loss "
+                               "scaling).", choices=["fp32", "bf16", "bf16_autocast", "fp16"])
+    zero_stage: int = f(0, "DeepSpeed ZeRO stage: 0, 1 (fp32 masters and optimizer state sharded over ranks) or 2 "
+                           "(gradients too); 3 is refused (it partitions the weights themselves).", ge=0, le=3)
     grad_accum: int = f(1, "Gradient accumulation steps.", gt=0)
     initial_loss_scale_power: int = f(16, "fp16: initial loss scale 2**N.", ge=0, le=32)
     gradient_clipping: float = f(0.0, "Clip global grad norm (0 = off).", ge=0)

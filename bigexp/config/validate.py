@@ -349,6 +349,11 @@ def validate(cfg: Config, *, world_size: int | None = None) -> None:
     if engine.precision == "fp16" and run.device == "cpu":
         errors.append(f"{at('engine.precision')}: fp16 needs a GPU but run.device = 'cpu' "
                       f"({src('run.device')}); use bf16 or fp32 on CPU")
+    if engine.zero_stage == 3:
+        errors.append(f"{at('engine.zero_stage')}: ZeRO 3 is not supported: it partitions the weights themselves "
+                      "(each rank holds a slice, gathered only around forward and backward), while ExpSGD's group "
+                      "norms and renormalisation, the BatchNorm-statistics rescale, checkpoints and bigexp compare "
+                      "read whole weights; use 2 (gradients and optimizer state sharded), or 1")
 
     if optim.optimizer == "expsgd":
         errors.extend(_expsgd_errors(cfg, at, src))

@@ -129,7 +129,8 @@ def check_header(path: Path, size: int) -> None:
     from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType  # heavy: ffcv
 
     if size < HeaderType.itemsize:
-        raise DataError(f"{path}: {size} bytes, shorter than an FFCV header (truncated?)")
+        raise DataError(f"{path}: not a readable FFCV .beton file: {size} bytes, shorter than its header "
+                        f"(truncated?)")
     header = np.fromfile(path, dtype=HeaderType, count=1)[0]
     fields_end = HeaderType.itemsize + int(header["num_fields"]) * FieldDescType.itemsize
     ptr, n = int(header["alloc_table_ptr"]), int(header["num_samples"])
@@ -142,7 +143,7 @@ def check_header(path: Path, size: int) -> None:
     elif (size - ptr) % ALLOC_TABLE_TYPE.itemsize:
         problem = "the allocation table at its end is cut mid-entry"
     if problem:
-        raise DataError(f"{path}: not a complete FFCV .beton: {problem} (truncated or corrupt?)")
+        raise DataError(f"{path}: not a readable FFCV .beton file: {problem} (truncated or corrupt?)")
 
 
 def check_structure(path: Path, reader, info: Optional[dict]) -> None:

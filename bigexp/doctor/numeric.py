@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-TOL = {"fp32": 1e-4, "bf16": 0.15, "fp16": 0.05}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOL = {"fp32": 1e-4, "bf16": 0.15, "bf16_autocast": 0.15, "fp16": 0.05}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "bf16_autocast": torch.float32}
 
 
 @dataclass
@@ -35,10 +35,12 @@ class Outcome:
     value: float | None = None
 
 
-def _grads(model, x, y) -> dict:
+def _grads(model, x, y, autocast: bool = False) -> dict:
     model.train()
     model.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x).float(), y).backward()
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(x)
+    F.cross_entropy(logits.float(), y).backward()
     return {n: p.grad.detach().double().cpu() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -68,7 +70,7 @@ def model_grad(spec: dict) -> dict:
     x, y = _batch(spec)
     ref = _grads(copy.deepcopy(model).double(), x.double(), y)
     run_model, run_x = _to_run_format(model, x, spec)
-    got = _grads(run_model, run_x, y.to(spec["device"]))
+    got = _grads(run_model, run_x, y.to(spec["device"]), autocast=spec["dtype"] == "bf16_autocast")
     worst, name = 0.0, ""
     for n, g64 in ref.items():
         err = float((got[n] - g64).abs().max() / g64.abs().max().clamp_min(1e-30))

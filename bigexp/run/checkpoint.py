@@ -1,13 +1,16 @@
 """Atomic, self-checking checkpoints around DeepSpeed's save/load.
 
 Layout: <run>/checkpoints/step000001234/ holds DeepSpeed's files for that step, one `rng_rank<r>.pt` per rank (its
-RNG states and its module buffers) and a `manifest.json` (sizes and sha256 of every file, the model signature, world size). A checkpoint is written under
+RNG states and its module buffers) and a `manifest.json` (sizes and sha256 of every file, the model signature, world
+size; for bigexp.run.drift the resolved config and the data files' recorded sha256). A checkpoint is written under
 `.tmp-step…` and renamed into place only after every rank has finished and the manifest is on disk, so a kill at any
 moment leaves the previous checkpoint loadable; a truncated or corrupt one fails its manifest check and is skipped
-with a warning naming it.
+with a warning naming it. A save that runs out of space removes its partial files and stops the run (DiskFullError,
+exit 4), the previous checkpoint untouched.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -16,16 +19,53 @@ import shutil
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
-from bigexp.errors import CheckpointError  # noqa: F401  (re-exported)
+from bigexp.errors import CheckpointError, DiskFullError  # noqa: F401  (re-exported)
 from bigexp.atomic import fsync_dir, write_text_atomic
 from bigexp.run.distributed import DistContext
+from bigexp.run.drift import input_identity
 from bigexp.run.faults import NO_FAULTS, Faults
 
 MANIFEST = "manifest.json"
+# torch.save's zip writer reports a short write without an errno ("unexpected pos ..."); a failed write that leaves
+# less than this free on the device counts as the disk being full.
+LOW_SPACE_BYTES = 64 * 2**20
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+def is_disk_full(exc: BaseException, directory: Path) -> bool:
+    """Whether a failed write into `directory` ran out of space: ENOSPC/EDQUOT anywhere in the exception's chain, or
+    a RuntimeError (torch.save) with under LOW_SPACE_BYTES left."""
+    e: Optional[BaseException] = exc
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return isinstance(exc, RuntimeError) and _free_bytes(directory) < LOW_SPACE_BYTES
+
+
+def _fresh_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def _attempt(fn) -> Optional[BaseException]:
+    """fn's exception (not raised: the caller first agrees with the other ranks), or None."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 -- handed back, re-raised by _stop_if_any_failed
+        return exc
+    return None
 
 
 def _sha256(path: Path) -> str:
@@ -100,45 +140,92 @@ class CheckpointManager:
         return sorted(dirs, key=lambda p: p.name, reverse=True)
 
     def save(self, engine, client_state: dict, global_step: int, signature: dict) -> Path:
-        """Collective: every rank calls it. Returns the final checkpoint directory."""
+        """Collective: every rank calls it. Returns the final checkpoint directory.
+
+        Out of space (ENOSPC/EDQUOT, or torch.save's errno-less short write with the disk nearly full) on any rank:
+        every rank stops together, the partial save is removed, the previous checkpoint is untouched, and every rank
+        raises DiskFullError (exit 4). Always, not only at the last save: a run that went on training without
+        checkpoints would lose more at the next kill than it gains, and `--resume auto` after freeing space
+        continues from the previous checkpoint. Any other failure is re-raised on its rank, once all have agreed."""
         tag = self.tag(global_step)
         tmp_tag = f".tmp-{tag}"
         tmp = self.root / tmp_tag
-        if self.ctx.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.ctx.barrier()
-        engine.ds.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
+        # Rank 0 makes the directory DeepSpeed writes into (a full disk can refuse even that); the flag exchange
+        # is the barrier every rank waits at before writing.
+        error = _attempt(lambda: _fresh_dir(tmp)) if self.ctx.is_main else None
+        self._stop_if_any_failed(error, tmp, global_step)
+        error = _attempt(lambda: engine.ds.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state,
+                                                           save_latest=False))
+        if error is not None:
+            # DeepSpeed's save_checkpoint ends in a barrier that a rank failing inside it never reached (deepspeed
+            # 0.19: engine.save_checkpoint); the ranks that did are waiting in it. Stand in for it.
+            self.ctx.barrier()
+        if error is None:
+            error = _attempt(lambda: self._save_rank_state(engine, tmp))
+        self._stop_if_any_failed(error, tmp, global_step)
+        final = self.root / tag
+        if self.ctx.is_main and self.faults.sleep_in_save_at_step == global_step:
+            time.sleep(3600)  # test-only (bigexp.run.faults): held here, between the files and the manifest
+        error = _attempt(lambda: self._publish(tmp, final, global_step, signature, client_state)) \
+            if self.ctx.is_main else None
+        self._stop_if_any_failed(error, tmp, global_step)
+        return final
+
+    def _save_rank_state(self, engine, tmp: Path) -> None:
         # DeepSpeed saves the module of rank 0 only, but BatchNorm running statistics are rank-local between the
         # end-of-epoch syncs (each rank normalises its own shard): without them a mid-epoch resume would hand rank
         # 0's statistics to every rank and the run would no longer be the uninterrupted one.
         local = {**rng_state(), "module_buffers": {n: b.detach().clone() for n, b in engine.ds.module.named_buffers()}}
         torch.save(local, tmp / f"rng_rank{self.ctx.rank}.pt")
-        self.ctx.barrier()
-        final = self.root / tag
-        if self.ctx.is_main and self.faults.sleep_in_save_at_step == global_step:
-            time.sleep(3600)  # test-only (bigexp.run.faults): held here, between the files and the manifest
+
+    def _publish(self, tmp: Path, final: Path, global_step: int, signature: dict, client_state: dict) -> None:
+        """Rank 0: the manifest, then the rename that makes the checkpoint exist, then the pruning."""
+        files = {}
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+        manifest = {"global_step": global_step, "world_size": self.ctx.world_size, "model": signature,
+                    "files": files, "config": client_state.get("config"),
+                    "inputs": input_identity(client_state.get("config"))}
+        write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        if final.exists():  # the same step saved again after a resume: replace it whole
+            old = self.root / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(self.root)
+        for stale in self.list()[self.keep:]:
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def _stop_if_any_failed(self, error: Optional[BaseException], tmp: Path, global_step: int) -> None:
+        """Collective: whether any rank failed (and whether for space). If one did, rank 0 removes the partial save
+        and every rank raises: the disk-full error where space ran out anywhere, else its own error or a note
+        that another rank failed."""
+        full = error is not None and is_disk_full(error, self.root)
+        flags = torch.tensor([float(error is not None), float(full)], device=self.ctx.device)
+        self.ctx.all_reduce_sum(flags)
+        if flags[0] == 0:
+            return
+        message = None
         if self.ctx.is_main:
-            files = {}
-            for f in sorted(tmp.rglob("*")):
-                if f.is_file():
-                    files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "sha256": _sha256(f)}
-            manifest = {"global_step": global_step, "world_size": self.ctx.world_size,
-                        "model": signature, "files": files}
-            write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
-            if final.exists():  # the same step saved again after a resume: replace it whole
-                old = self.root / f".old-{tag}"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-            fsync_dir(self.root)
-            for stale in self.list()[self.keep:]:
-                shutil.rmtree(stale, ignore_errors=True)
-        self.ctx.barrier()
-        return final
+            partial = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() else 0
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.list()
+            message = (f"no space left on the device of {self.root} while saving checkpoint {self.tag(global_step)}: "
+                       f"{_free_bytes(self.root) / 2**20:.1f} MiB free after removing the partial save "
+                       f"({partial / 2**20:.1f} MiB written). The previous checkpoint "
+                       f"{'is intact: ' + str(previous[0]) if previous else 'does not exist (none saved yet)'}. "
+                       f"Free space, then rerun with --resume auto")
+        message = self.ctx.broadcast_object(message)
+        if flags[1] > 0:
+            raise DiskFullError(message) from error
+        if error is not None:
+            raise error
+        raise CheckpointError(f"checkpoint {self.tag(global_step)} was not saved: another rank failed writing it "
+                              f"(its error is in its log)")
 
     def find_resumable(self, spec: str) -> Path | None:
         """'auto': the newest checkpoint that passes its manifest check (warning for each one skipped);
@@ -178,6 +265,24 @@ class CheckpointManager:
                 warnings.warn(f"removing {p} (left by an interrupted checkpoint save)")
                 shutil.rmtree(p, ignore_errors=True)
 
+    @staticmethod
+    def _manifest_dict(path: Path, key: str) -> dict:
+        try:
+            value = json.loads((Path(path) / MANIFEST).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    @classmethod
+    def saved_config(cls, path: Path) -> dict:
+        """The resolved config the checkpoint was written under, readable without loading it ({} if older)."""
+        return cls._manifest_dict(path, "config")
+
+    @classmethod
+    def recorded_inputs(cls, path: Path) -> dict:
+        """The data files' content identity recorded at save ({key: sha256 or None}; {} for older checkpoints)."""
+        return cls._manifest_dict(path, "inputs")
+
     def load(self, engine, path: Path, signature: dict) -> dict:
         """Collective. Restores engine (weights, optimizer, scheduler) and this rank's RNG; returns client state."""
         path = Path(path)
@@ -186,12 +291,8 @@ class CheckpointManager:
             raise CheckpointError(
                 f"{path}: written for a different model ({manifest.get('model')}); this run builds {signature}. "
                 f"Point run.out_dir/run.name elsewhere or use --resume never.")
-        if manifest.get("world_size") != self.ctx.world_size and engine.sharded:
-            raise CheckpointError(
-                f"{path}: written by {manifest.get('world_size')} ranks with sharded optimizer state; this run has "
-                f"{self.ctx.world_size}. Resume with the same number of ranks.")
-        load_path, client = engine.ds.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                                      load_lr_scheduler_states=True)
+        # another number of ranks: sharded optimizer state is cut anew (bigexp.run.reshard)
+        load_path, client = engine.load_checkpoint(path, manifest.get("world_size"))
         if load_path is None:
             raise CheckpointError(f"{path}: DeepSpeed could not load it")
         rng_file = path / f"rng_rank{self.ctx.rank}.pt"

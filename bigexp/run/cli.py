@@ -16,6 +16,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resume", default=None,
                         help="'auto' (newest valid checkpoint of this run), 'never', or a checkpoint directory; "
                              "overrides run.resume")
+    parser.add_argument("--accept-config-change", action="store_true",
+                        help="resume even where the config differs from the checkpoint's in keys that change the "
+                             "trajectory (bigexp/run/drift.py lists them); refused otherwise")
 
 
 def run(args) -> int:
@@ -23,6 +26,9 @@ def run(args) -> int:
     cfg = config_from_args_or_exit(args, world_size=launcher_world_size())
     if args.resume is not None:
         cfg.run.resume = args.resume
+    if args.accept_config_change:
+        # an attribute, not yet a schema key: bigexp.run.drift reads it with getattr (run.accept_config_change)
+        cfg.run.accept_config_change = True
     loop.train(cfg)  # looked up on the module at call time: tests replace it with a tripwire
     shutdown_distributed()
     exit_process(0)

@@ -2,6 +2,11 @@
 
 One process per GPU, or CPU ranks on gloo when there is no GPU. Everything here is a thin layer over
 torch.distributed so the training loop can call `dist_ctx.all_reduce_sum(...)` without caring whether it runs alone.
+
+Device discipline: every tensor handed to a collective lives on `ctx.device` (the rank's GPU, or the CPU). On a GPU a
+CPU tensor there would need a gloo group beside NCCL and costs a device->host copy; with
+BIGEXP_CHECK_DEVICE=1 (or `DistContext(check_device=True)`) every collective checks it, also in a one-rank run, where
+no collective runs at all, so the CPU tests catch it (tests/test_device_discipline.py).
 """
 from __future__ import annotations
 
@@ -9,11 +14,13 @@ import datetime
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch.distributed.rendezvous import rendezvous
+
+ENV_CHECK_DEVICE = "BIGEXP_CHECK_DEVICE"  # "1": DistContext.check_device on (tests; a GPU smoke run)
 
 
 @dataclass
@@ -23,6 +30,8 @@ class DistContext:
     local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
+    # Collectives refuse a tensor that is not on `device` (module docstring); off unless the env var asks.
+    check_device: bool = field(default_factory=lambda: os.environ.get(ENV_CHECK_DEVICE, "") == "1")
 
     @property
     def is_main(self) -> bool:
@@ -36,7 +45,17 @@ class DistContext:
         if self.initialized and self.world_size > 1:
             dist.barrier()
 
+    def check_on_device(self, t: torch.Tensor, what: str = "a collective's tensor") -> None:
+        """With check_device: raise unless `t` is on this rank's device (a CUDA index left out matches any)."""
+        if not self.check_device:
+            return
+        want = self.device
+        if t.device.type != want.type or (want.index is not None and t.device.index != want.index):
+            raise RuntimeError(f"{what} is on {t.device}, not on the rank's device {want} "
+                               f"(shape {tuple(t.shape)}, {t.dtype}); create it with device=ctx.device")
+
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        self.check_on_device(t, "all_reduce_sum's tensor")  # before the world-size test: one-rank runs check too
         if self.initialized and self.world_size > 1:
             # gloo has no bf16/fp16 reductions on CPU: reduce in fp32 and cast back.
             if t.dtype in (torch.bfloat16, torch.float16):
@@ -57,7 +76,7 @@ class DistContext:
 
 def process_group_backend(device_type: str) -> str:
     """The backend string for init_process_group. On GPU both: NCCL for CUDA tensors and gloo for any CPU tensor, so a
-    stray CPU collective (a flag, a metric) runs instead of killing the job; `DeviceCheck` in the tests finds them."""
+    stray CPU collective (a flag, a metric) runs instead of killing the job; `DistContext.check_device` finds them."""
     return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
 
 

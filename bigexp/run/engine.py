@@ -1,7 +1,7 @@
 """The DeepSpeed engine: its JSON config from ours, and `build_engine` around a client optimizer.
 
 Why the optimizer is built by us and handed to DeepSpeed as a *client* optimizer: ExpSGD must run on the fp32 masters
-that DeepSpeed keeps apart from the low-precision model. Every wrapper (BF16_Optimizer, ZeRO 1, the unfused
+that DeepSpeed keeps apart from the low-precision model. Every wrapper (BF16_Optimizer, ZeRO 1 and 2, the unfused
 fp16/bf16 optimizer) calls the client's `step()` on the masters and then copies them into the model, so a
 renormalisation done inside `ExpSGD.step()` reaches the model by itself. A bare in-place scale of the model's weights
 would be overwritten by the masters at the next step.
@@ -9,6 +9,7 @@ would be overwritten by the masters at the next step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -17,9 +18,11 @@ from bigexp.config.schema import Config
 from bigexp.errors import ConfigError
 from bigexp.optim.dropin import attach_deepspeed, masters_are_sharded  # noqa: F401 - masters_are_sharded re-exported
 from bigexp.run.distributed import DistContext
+from bigexp.run.reshard import load_resharded_optimizer
 
 # engine.precision -> the dtype of the model's inputs (and of the loaders' output): the one map, used by the loop too.
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# bf16_autocast: fp32 weights, inputs and BatchNorm statistics; torch.autocast runs convs and matmuls in bf16.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "bf16_autocast": torch.float32}
 
 
 def precision_dtype(precision: str) -> torch.dtype:
@@ -44,7 +47,8 @@ def deepspeed_config(cfg: Config, *, world_size: int) -> dict:
         "steps_per_print": 10**12,  # we log ourselves
         "wall_clock_breakdown": False,
         # ExpSGD and torch SGD are not on DeepSpeed's list of ZeRO-tested optimizers; both are elementwise
-        # (plus ExpSGD's group norm, which goes through an all-reduce under sharding), so ZeRO 1 is safe.
+        # (plus ExpSGD's group norm, which goes through an all-reduce under sharding), so ZeRO 1 and 2 are safe:
+        # both hand the client optimizer flat fp32 partitions; 2 also keeps only each rank's gradient partition.
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": eng.zero_stage},
         "gradient_clipping": eng.gradient_clipping,
@@ -55,8 +59,13 @@ def deepspeed_config(cfg: Config, *, world_size: int) -> dict:
         # "expected scalar type BFloat16 but found Float". Casting buffers keeps BN in one dtype.
         ds["data_types"] = {"buffer_dtype": "bf16"}
         if eng.zero_stage == 1:
-            # fp32 gradient accumulation selects BF16_Optimizer (flat fp32 master shards).
+            # fp32 gradient accumulation selects BF16_Optimizer (flat fp32 master shards). ZeRO 2 keeps DeepSpeed's
+            # ZeRO optimizer, its gradients accumulated in the model's dtype (DeepSpeed's default).
             ds["data_types"]["grad_accum_dtype"] = "fp32"
+    elif eng.precision == "bf16_autocast":
+        # DeepSpeed's torch-autocast mode: the model, its BN running statistics and the optimizer stay fp32 (ExpSGD
+        # renormalises fp32 weights, no master copy); only Conv/Linear run in bf16 inside torch.autocast.
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     elif eng.precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": eng.initial_loss_scale_power,
                       "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
@@ -79,6 +88,18 @@ class Engine:
             if isinstance(v, (int, float)):
                 return float(v)
         return None
+
+    def load_checkpoint(self, path: Path, saved_world_size: int | None) -> tuple:
+        """DeepSpeed's load of checkpoint directory `path` (weights, optimizer, scheduler): (load path or None, client
+        state). Sharded optimizer state written by another number of ranks is cut anew for this one
+        (`bigexp.run.reshard`), which DeepSpeed refuses; unsharded state (ZeRO 0) is whole on every rank anyway."""
+        path = Path(path)
+        cut = self.sharded and saved_world_size is not None and saved_world_size != self.ds.dp_world_size
+        load_path, client = self.ds.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=not cut,
+                                                    load_lr_scheduler_states=True)
+        if cut and load_path is not None:
+            load_resharded_optimizer(self.ds, path, saved_world_size)
+        return load_path, client
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -8,6 +8,7 @@ draw from the seeded torch RNG, so a resumed run rebuilds exactly the model it c
 """
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,13 +29,15 @@ from bigexp.optim.build import BuiltOptimizer, build_optimizer, group_stats
 from bigexp.optim.schedules import ParamGroupScheduler, build_schedule
 from bigexp.run.checkpoint import CheckpointManager, model_signature
 from bigexp.run.distributed import DistContext, init_distributed, rank_threads, reset_threads
+from bigexp.run.drift import check_resume_config
 from bigexp.run.engine import Engine, build_engine, micro_batch_size, precision_dtype
 from bigexp.run.faults import Faults
+from bigexp.run.lock import hold_run_lock
 from bigexp.run.metrics import (EVENTS_RENORM, RENORM_COUNT, TEXT_CONFIG, TEXT_INVARIANCE, TRAIN_EPOCH,
                                 TRAIN_GRAD_NORM, TRAIN_IMG_PER_S, TRAIN_LOSS, TRAIN_LOSS_SCALE, TRAIN_STEP_TIME_S,
                                 VAL_LOSS, VAL_TOP1, VAL_TOP5, TBLogger, hparam_tag, opt_stat)
 from bigexp.run.signals import PreemptionFlag
-from bigexp.run.step import evaluate, grad_norm, sync_batchnorm_stats, train_micro_step
+from bigexp.run.step import StepResult, evaluate, grad_norm, sync_batchnorm_stats, train_step
 
 StepHook = Callable[[int, Engine], None]
 
@@ -84,10 +87,15 @@ class Run:
 @dataclass
 class _LogWindow:
     """Sums since the previous log line: the logged loss is their mean over every rank, img/s their rate."""
-    loss_sum: float = 0.0
-    loss_n: int = 0
+    loss_sum: Optional[torch.Tensor] = None  # float64 on the device: summed there, read once per log line
+    loss_n: int = 0                          # micro-batches
     imgs: int = 0
     t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, out: StepResult, world_size: int) -> None:
+        self.loss_sum = out.loss_sum if self.loss_sum is None else self.loss_sum + out.loss_sum
+        self.loss_n += out.micro_batches
+        self.imgs += out.images * world_size
 
 
 def train(cfg: Config, *, ctx: Optional[DistContext] = None, logger: Optional[TBLogger] = None,
@@ -96,6 +104,7 @@ def train(cfg: Config, *, ctx: Optional[DistContext] = None, logger: Optional[TB
     and once with global_step 0 before the first step of a fresh (not resumed) run: the initial state.
     `logger`: the caller's (it closes it); `faults`: test-only hooks, by default from the environment."""
     run = _setup(cfg, ctx, faults or Faults.from_env(), step_hook)
+    lock = hold_run_lock(run.run_dir, run.ctx)  # before anything reads or writes the run dir; beside it (lock.py)
     _build_data(run)
     _build_model_and_optimizer(run)
     state, resumed_from = _resume(run)
@@ -117,6 +126,7 @@ def train(cfg: Config, *, ctx: Optional[DistContext] = None, logger: Optional[TB
 
     run.preempt.restore()
     _finish(run, state, result, close_logger=logger is None)
+    lock.release()
     return result
 
 
@@ -162,9 +172,10 @@ def _build_model_and_optimizer(run: Run) -> None:
     cfg = run.cfg
     model = build_model(cfg.model)
     check_cpu_channels_last(model, run.ctx.device, cfg.model.channels_last or cfg.data.channels_last)
-    # The invariance check runs at <= 64 px: its cost grows with the resolution, its answer does not.
+    # The invariance check runs at <= 64 px: its cost grows with the resolution, its answer does not. On the CPU,
+    # named: the model is still there (DeepSpeed moves it), and the loop's tensors all say where they live.
     check_res = min(cfg.data.val_res, 64)
-    example = torch.randn(4, 3, check_res, check_res)
+    example = torch.randn(4, 3, check_res, check_res, device="cpu")
     if cfg.model.channels_last:
         example = example.contiguous(memory_format=torch.channels_last)
     run.built = build_optimizer(cfg, model, example)
@@ -183,6 +194,7 @@ def _resume(run: Run) -> tuple[LoopState, Optional[Path]]:
     path = run.ckpt.find_resumable(cfg.run.resume)
     if path is None:
         return LoopState(), None
+    check_resume_config(run.ckpt.saved_config(path), run.cfg, path, run.ckpt.recorded_inputs(path))  # drift.py
     client = run.ckpt.load(run.engine, path, run.signature)
     state = LoopState(global_step=client["global_step"], epoch=client["epoch"],
                       batch_in_epoch=client["batch_in_epoch"])
@@ -213,31 +225,34 @@ def _log_texts(run: Run) -> None:
 # ---------------------------------------------------------------------------------------------- one epoch
 def _train_epoch(run: Run, state: LoopState) -> bool:
     """The steps of `state.epoch` from micro-batch `state.batch_in_epoch` to the epoch's end, to the run's last
-    step, or to a preemption. Returns True when preempted (the checkpoint is written)."""
+    step, or to a preemption. Returns True when preempted (the checkpoint is written).
+
+    Whole accumulation groups only: an epoch's micro-batches past its last full group of engine.grad_accum are
+    never run. Run, they would leave DeepSpeed mid-group at the epoch's end, its boundary out of phase with
+    global_step from then on and their gradient leaking into the next epoch's first step, which a resume (starting
+    on a boundary, with no gradient) could not reproduce. Host reads: one per step (train_step), plus log lines."""
     cfg, ctx = run.cfg, run.ctx
+    group = cfg.engine.grad_accum
     run.train_loader.set_epoch(state.epoch)
     reset_threads(run.threads)
-    first = state.batch_in_epoch
+    first = state.batch_in_epoch  # a multiple of group: checkpoints are written at step boundaries
     batches = run.train_loader.iter_from(first) if first else iter(run.train_loader)
     reset_threads(run.threads)
-    bar = tqdm(total=run.steps_per_epoch, initial=first // cfg.engine.grad_accum, desc=f"{cfg.run.name} epoch "
+    bar = tqdm(total=run.steps_per_epoch, initial=first // group, desc=f"{cfg.run.name} epoch "
                f"{state.epoch}", leave=False, dynamic_ncols=True, file=sys.stderr,
                disable=not (cfg.run.progress and ctx.is_main))
     window, preempted = _LogWindow(), False
-    for x, y in batches:
+    for _ in range(run.steps_per_epoch - first // group):
         t0 = time.perf_counter()
+        micro = itertools.islice(batches, group)
         if run.faults.nan_at_step == state.global_step + 1:
-            x = torch.full_like(x, float("nan"))
-        loss, flags = train_micro_step(run.engine, x, y, ctx, label_smoothing=cfg.optim.label_smoothing,
-                                       stop_requested=run.preempt.requested)
-        if flags[0] > 0 and cfg.engine.precision != "fp16":  # fp16: DeepSpeed skipped it and lowered the scale
-            raise _non_finite_loss(run, state, loss)
-        state.batch_in_epoch += 1
-        window.loss_sum += float(loss.detach())
-        window.loss_n += 1
-        window.imgs += x.shape[0] * ctx.world_size
-        if state.batch_in_epoch % cfg.engine.grad_accum:
-            continue
+            micro = ((torch.full_like(x, float("nan")), y) for x, y in micro)
+        out = train_step(run.engine, micro, ctx, label_smoothing=cfg.optim.label_smoothing,
+                         stop_requested=run.preempt.requested)
+        if not out.applied:  # a non-finite loss on some rank (under fp16 DeepSpeed skips it and lowers the scale)
+            raise _non_finite_loss(run, state, out)
+        state.batch_in_epoch += out.micro_batches
+        window.add(out, ctx.world_size)
         state.global_step += 1
         bar.update(1)
         if run.step_hook is not None:
@@ -247,7 +262,7 @@ def _train_epoch(run: Run, state: LoopState) -> bool:
         if state.global_step % cfg.log.every_steps == 0 or state.global_step == run.total_steps:
             _log_step(run, state, window, t0, bar)
             window = _LogWindow()
-        if flags[1] > 0:  # preemption: checkpoint at this step boundary and leave
+        if out.stop_ranks:  # preemption: checkpoint at this step boundary and leave
             _save(run, state)
             if ctx.is_main:
                 print(f"[bigexp] preempted: checkpoint at step {state.global_step}; rerun with --resume auto",
@@ -259,14 +274,18 @@ def _train_epoch(run: Run, state: LoopState) -> bool:
         if state.global_step >= run.total_steps:
             break
     bar.close()
+    if hasattr(batches, "close"):
+        batches.close()  # left unfinished (dropped micro-batches, a break): stop the loader's thread now, not at GC
     return preempted
 
 
-def _non_finite_loss(run: Run, state: LoopState, loss: torch.Tensor) -> NonFiniteLossError:
+def _non_finite_loss(run: Run, state: LoopState, out: StepResult) -> NonFiniteLossError:
     newest = run.ckpt.list()
-    # Step numbers as logged and checkpointed: this would have become step global_step + 1.
+    # Step numbers as logged and checkpointed: this would have become step global_step + 1; the loss is the step's
+    # mean over its micro-batches (non-finite if any one was).
     return NonFiniteLossError(
-        f"non-finite loss ({float(loss.detach())}) at step {state.global_step + 1} (epoch {state.epoch}, "
+        f"non-finite loss ({float(out.loss_sum) / out.micro_batches}) at step {state.global_step + 1} "
+        f"(epoch {state.epoch}, "
         f"batch {state.batch_in_epoch}) of {run.run_dir}; nothing was applied. "
         f"Last checkpoint: {newest[0] if newest else 'none'}")
 
@@ -277,7 +296,7 @@ def _log_step(run: Run, state: LoopState, window: _LogWindow, t0: float, bar) ->
     previous line."""
     cfg = run.cfg
     stats = group_stats(run.built.optimizer, run.built.group_names)
-    mean_loss = torch.tensor([window.loss_sum, float(window.loss_n)], dtype=torch.float64)
+    mean_loss = torch.stack((window.loss_sum, window.loss_sum.new_tensor(float(window.loss_n))))  # on the device
     run.ctx.all_reduce_sum(mean_loss)
     dt = time.perf_counter() - window.t0
     scalars = {TRAIN_LOSS: float(mean_loss[0] / mean_loss[1]), TRAIN_IMG_PER_S: window.imgs / dt,

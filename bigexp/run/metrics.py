@@ -19,6 +19,7 @@ table without an import cycle or a heavy import.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -107,19 +108,52 @@ def hparam_tag(tag: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- logger
 class TBLogger:
+    """Rank 0's event writer. Logging is not the job: the first OSError from TensorBoard (ENOSPC, a quota, a network
+    filesystem gone) is warned about once and turns the logger off for the rest of the run; training goes on.
+
+    TensorBoard writes from a background thread; when that thread dies it drains its queue (so no caller blocks on
+    a full one) and its error surfaces at the next add/flush/close here, which is where it is caught.
+    """
+
     def __init__(self, log_dir: Path | str, enabled: bool = True):
         self.writer = None
+        self.log_dir = Path(log_dir)
+        self.failed: Optional[OSError] = None   # the error that turned the logger off, if any
         if enabled:
             # TensorBoard is imported only for an enabled logger: ranks other than 0, and the tag table's users,
             # never pay for it.
             from torch.utils.tensorboard import SummaryWriter
 
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+            try:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                self.writer = SummaryWriter(log_dir=str(log_dir))
+            except OSError as exc:
+                self._disable(exc)
 
-    def scalars(self, step: int, values: dict) -> None:
+    def _disable(self, exc: OSError) -> None:
+        """Warn once, drop the writer (closing it may raise the same error again: ignored)."""
+        self.failed = exc
+        writer, self.writer = self.writer, None
+        warnings.warn(f"TensorBoard logging to {self.log_dir} failed ({exc}); it is off for the rest of this run, "
+                      f"training goes on", RuntimeWarning, stacklevel=3)
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError:
+                pass
+
+    def _write(self, fn, *args, **kwargs) -> None:
         if self.writer is None:
             return
+        try:
+            fn(*args, **kwargs)
+        except OSError as exc:
+            self._disable(exc)
+
+    def scalars(self, step: int, values: dict) -> None:
+        self._write(self._scalars, step, values)
+
+    def _scalars(self, step: int, values: dict) -> None:
         for tag, v in values.items():
             if v is not None:
                 self.writer.add_scalar(tag, float(v), global_step=step)
@@ -127,12 +161,14 @@ class TBLogger:
     def text(self, tag: str, text: str, step: int = 0) -> None:
         if self.writer is not None:
             # Markdown: indent by 4 so YAML/tables render verbatim in TensorBoard's text tab.
-            self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()), global_step=step)
+            self._write(self.writer.add_text, tag, "\n".join("    " + line for line in text.splitlines()),
+                        global_step=step)
 
     def hparams(self, hparams: dict, metrics: dict) -> None:
         """Write hparams into THIS run's event file (SummaryWriter.add_hparams would create a sub-run)."""
-        if self.writer is None:
-            return
+        self._write(self._hparams, hparams, metrics)
+
+    def _hparams(self, hparams: dict, metrics: dict) -> None:
         from torch.utils.tensorboard.summary import hparams as hp_summary  # a writer exists: already imported
 
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
@@ -146,9 +182,9 @@ class TBLogger:
 
     def flush(self) -> None:
         if self.writer is not None:
-            self.writer.flush()
+            self._write(self.writer.flush)
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            self._write(self.writer.close)
             self.writer = None

@@ -37,9 +37,7 @@ def find_scale_invariant(model: nn.Module, example_input: Optional[torch.Tensor]
     left exactly as they were.
     """
     _check_arguments(tol, check, scale)
-    an = GraphAnalysis(model)
-    an.run(_trace(model).graph)
-    sets = _build_sets(an, model)
+    an, sets = _analyse(model, _trace(model).graph)
     union_rel = union_gap = None
     if check:
         union_rel, union_gap = check_sets(model, example_input, sets, tol=tol, scale=scale, check=check,
@@ -64,6 +62,21 @@ def _trace(model: nn.Module) -> fx.GraphModule:
         raise RuntimeError(f"torch.fx could not trace {type(model).__name__} ({type(e).__name__}: {e}); scale "
                            "invariance is only ever decided from the traced graph, so this model cannot be used "
                            "with expsgd (make its forward traceable, or use optim.optimizer=sgd)") from e
+
+
+def _analyse(model: nn.Module, graph: fx.Graph) -> tuple:
+    """The graph labelled twice, as is and with the choices that keep a few parameters plain so that more weights
+    can scale (`graph` module docstring; both are sound): the one with more invariant weights, ties as is."""
+    numel = {n: p.numel() for n, p in model.named_parameters()}
+    best = None
+    for choices in (False, True):
+        an = GraphAnalysis(model, choices=choices)
+        an.run(graph)
+        sets = _build_sets(an, model)
+        count = sum(numel[n] for s in sets if s.invariant for n in s.params)
+        if best is None or count > best[0]:
+            best = (count, an, sets)
+    return best[1], best[2]
 
 
 def _set_norms(an: GraphAnalysis, root) -> dict:

@@ -14,7 +14,20 @@ propagated in graph order:
     set is plain;
   - a norm layer (BatchNorm/GroupNorm/LayerNorm/InstanceNorm/RMSNorm, module or functional) *absorbs* its
     input: any positive scale of its input leaves its output unchanged (up to eps), so its output is clean;
-  - reaching the model output, or entering an op the detector does not model, makes the roots plain.
+  - reaching the model output, or entering an op the detector does not model, makes the roots plain;
+  - nn.MultiheadAttention on clean (normalised) inputs: softmax(QK^T) is not homogeneous, so the packed
+    query/key/value projections are plain, but the output is out_proj(...) (weight and bias), degree 1 in it;
+    any labelled input makes the roots in it plain (attention on a scaled stream is not modelled).
+With `choices=True`, two choices keep a few parameters plain so that more weights can scale (a plain parameter is
+a constant here: the optimizer never scales it, so leaving it out of every set is always sound; `find` labels
+the graph both ways and keeps the one with more invariant weights):
+  - an elementwise gain (a bare parameter multiplying a weighted branch, e.g. ConvNeXt's layer_scale) stays
+    plain, so the branch's last weights can scale together with the residual stream they are added to;
+  - a conv/linear WITH bias whose input is already scaled (degree 1 in a set S, e.g. ConvNeXt's depthwise conv
+    on the stream) keeps its weight plain, and its bias joins S: W (c x) + c b = c (W x + b). Keeping W with b
+    instead would merge W into S at degree 2 against 1 and make all of S plain.
+and a root already plain is dropped from every label read afterwards: its degree cannot matter, since it is
+never scaled, and leaving it in would drag the sets it meets into plain through needless unions.
 Norm affine parameters (gamma, beta) are always plain, as in the paper, even where they happen to be jointly
 invariant (a BN's gamma and beta feeding another norm through ReLU and a conv): plain SGD with weight decay is
 valid for any parameter, so being conservative costs nothing but the exponential-LR form for those few.
@@ -41,6 +54,7 @@ _NORM_MODULES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn
 if hasattr(nn, "RMSNorm"):
     _NORM_MODULES = _NORM_MODULES + (nn.RMSNorm,)
 _SOURCE_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
+_ATTENTION_MODULES = (nn.MultiheadAttention,)
 # Leaf modules that are positively homogeneous of degree 1 in their (single) input.
 _UNARY_MODULES = (
     nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Flatten, nn.Unflatten,
@@ -63,6 +77,7 @@ _UNARY_FUNCS = {
     "type_as", "getitem", "chunk", "split", "unbind", "narrow", "select", "roll", "flip", "mean", "sum",
     "neg", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
     "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "identity", "movedim", "swapaxes",
+    "stochastic_depth",   # torchvision.ops: input * bernoulli mask / (1 - p), degree 1 in the input
 }
 _SUM_FUNCS = {"add", "iadd", "sub", "isub", "cat", "concat", "concatenate", "stack", "hstack", "vstack"}
 _PRODUCT_FUNCS = {"mul", "imul", "matmul", "mm", "bmm", "einsum", "outer"}
@@ -80,17 +95,42 @@ def _fname(target) -> str:
 class GraphAnalysis:
     """Labels every node of a traced graph (`run`), merging and marking roots in `self.sets` as it goes."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, choices: bool = False):
         self.model = model
+        self.choices = choices
         self.sets = JointSets()
         self.name_of = {id(p): n for n, p in model.named_parameters()}
         self.norm_uses: list = []           # (NormUse without degree, raw label)
         self.affine_of: dict = {}           # param name -> reason (norm affine, opaque module, ...)
         self.labels: dict = {}
+        self.lazy: dict = {}                # get_attr node -> parameter whose root is made on first use
+        self.constants: set = set()         # trainable params kept out of every set (plain), see module doc
+        self.root_key: dict = {}            # param name -> key of the root it was made a member of
+        self.tuple_labels: dict = {}        # node returning a tuple -> label of each element
 
     # --- helpers
     def _lab(self, a) -> dict:
-        return self.sets.resolve(self.labels.get(a, {})) if isinstance(a, fx.Node) else {}
+        if not isinstance(a, fx.Node):
+            return {}
+        if a in self.lazy:
+            p = self.lazy.pop(a)
+            r = self._param_root(p, str(a.target))
+            self.labels[a] = {r: 1} if r is not None else {}
+        return self._clean(self.labels.get(a, {}))
+
+    def _clean(self, label: dict) -> dict:
+        """`label` over current root keys, without the roots already plain (never scaled: degree irrelevant)."""
+        lab = self.sets.resolve(label)
+        return {k: d for k, d in lab.items() if not (self.choices and self.sets.plain[k])}
+
+    def _make_constant(self, p: nn.Parameter, reason: str) -> bool:
+        """Keep trainable `p` out of every set (plain). False when it already is in one (then it stays there)."""
+        name = self.name_of[id(p)]
+        if name in self.root_key:
+            return False
+        self.constants.add(name)
+        self.affine_of.setdefault(name, reason)
+        return True
 
     def _node_inputs(self, node):
         return list(node.all_input_nodes)
@@ -102,10 +142,14 @@ class GraphAnalysis:
 
     def _param_root(self, p: nn.Parameter, layer: str, extra=()):
         """The root for a trainable parameter (with trainable companions that scale with it), or None."""
-        if p is None or not p.requires_grad:
+        if p is None or not p.requires_grad or self.name_of[id(p)] in self.constants:
             return None
         name = self.name_of[id(p)]
-        members = [name] + [self.name_of[id(q)] for q in extra if q is not None and q.requires_grad]
+        if name in self.root_key:
+            return self.sets.find(self.root_key[name])
+        members = [name] + [self.name_of[id(q)] for q in extra if q is not None and q.requires_grad
+                            and self.name_of[id(q)] not in self.root_key and self.name_of[id(q)] not in self.constants]
+        self.root_key.update({n: name for n in members})
         return self.sets.add(name, members, layer)
 
     def _absorb(self, node, inp, kind: str, name: str, rm=None, rv=None, module=True):
@@ -121,8 +165,7 @@ class GraphAnalysis:
             if op == "get_attr":
                 obj = fetch_attr(m, node.target)
                 if isinstance(obj, nn.Parameter) and obj.requires_grad:
-                    r = self._param_root(obj, str(node.target))
-                    out = {r: 1}
+                    self.lazy[node] = obj   # its root is made where it is first used (see _lab, _product)
             elif op == "output":
                 self._plain_inputs(self._node_inputs(node), "reaches the model output without passing a norm layer")
             elif op == "call_module":
@@ -142,14 +185,9 @@ class GraphAnalysis:
                 self.affine_of.setdefault(self.name_of[id(p)], f"norm affine of {type(mod).__name__} {name}")
             return {}
         if isinstance(mod, _SOURCE_MODULES):
-            w, b = mod.weight, mod.bias
-            root = self._param_root(w, name, extra=[b] if b is not None else [])
-            prod = add_labels([self._lab(args[0]), {root: 1} if root else {}])
-            if b is None:
-                return prod
-            broot = root if root is not None else self._param_root(b, name)
-            blab = {broot: 1} if (broot is not None and b.requires_grad) else {}
-            return self._sum_labels([prod, blab], node, "bias add", f"{type(mod).__name__} {name}")
+            return self._source(node, mod, name)
+        if isinstance(mod, _ATTENTION_MODULES):
+            return self._attention(node, mod, name)
         if isinstance(mod, _UNARY_MODULES):
             return self._unary(node, args[0] if args else None)
         # A leaf module the detector does not model: nothing flowing through it can be proven invariant.
@@ -159,6 +197,45 @@ class GraphAnalysis:
             self.affine_of.setdefault(self.name_of[id(p)], f"inside {type(mod).__name__} {name}, "
                                                             "which the detector does not model")
         return {}
+
+    def _source(self, node, mod, name: str) -> dict:
+        """A conv/linear module: x W (+ b). With a bias and an input already scaled to degree 1 in one set,
+        the weight is kept plain and the bias joins that set (see the module docstring)."""
+        w, b = mod.weight, mod.bias
+        x_lab = self._lab(node.args[0])
+        layer = f"{type(mod).__name__} {name}"
+        if self.choices and b is not None and b.requires_grad and len(x_lab) == 1 and set(x_lab.values()) == {1} and \
+                self._make_constant(w, f"weight of {layer}, whose input is a scaled stream: kept plain so that its "
+                                       "bias can scale with the stream"):
+            broot = self._param_root(b, name)
+            return self._sum_labels([x_lab, {broot: 1}], node, "bias add", layer)
+        root = self._param_root(w, name, extra=[b] if b is not None else [])
+        prod = add_labels([x_lab, {root: 1} if root else {}])
+        if b is None:
+            return prod
+        broot = self._param_root(b, name)     # w's root when b joined it; b's own when it is already elsewhere
+        blab = {broot: 1} if broot is not None else {}
+        return self._sum_labels([prod, blab], node, "bias add", layer)
+
+    def _attention(self, node, mod, name: str) -> dict:
+        """nn.MultiheadAttention(query, key, value, ...): degree 1 in out_proj when q, k, v are all clean."""
+        layer = f"{type(mod).__name__} {name}"
+        inputs = self._node_inputs(node)
+        labelled = [a for a in inputs if self._lab(a)]
+        self._plain_inputs(labelled, f"enters {layer} (attention on a scaled input is not modelled)")
+        for pname, p in mod.named_parameters():
+            if not pname.startswith("out_proj."):
+                self.affine_of.setdefault(self.name_of[id(p)], f"query/key/value projection of {layer}: softmax "
+                                                               "of their product is not homogeneous")
+        if labelled:
+            return {}
+        out = mod.out_proj
+        root = self._param_root(out.weight, f"{name}.out_proj", extra=[out.bias] if out.bias is not None else [])
+        lab = {root: 1} if root is not None else {}
+        if out.bias is not None and out.bias.requires_grad and root is None:
+            lab = {self._param_root(out.bias, f"{name}.out_proj"): 1}
+        self.tuple_labels[node] = (lab, {})     # (attn_output, attn_weights): the weights do not scale
+        return lab
 
     def _sum_labels(self, labs, node, kind, layer=None):
         keys = {k for lab in labs for k in lab}
@@ -179,6 +256,19 @@ class GraphAnalysis:
                 self.sets.mark_plain(bad, why)
         return labs[0] if labs else {}
 
+    def _product(self, name: str, inputs) -> dict:
+        """Degrees add; a bare parameter multiplying a weighted branch elementwise is kept plain (module doc)."""
+        gains = [a for a in inputs if a in self.lazy]
+        if self.choices and name in ("mul", "imul") and len(inputs) == 2 and len(gains) == 1:
+            gain = gains[0]
+            other = inputs[1] if inputs[0] is gain else inputs[0]
+            if self._lab(other) and self._make_constant(self.lazy[gain], f"elementwise gain {gain.target} on a "
+                                                        "weighted branch: kept plain so that the branch's weights "
+                                                        "can scale with the stream it is added to"):
+                del self.lazy[gain]
+                self.labels[gain] = {}
+        return add_labels([self._lab(a) for a in inputs])
+
     def _unary(self, node, data):
         others = [n for n in self._node_inputs(node) if n is not data]
         self._plain_inputs(others, f"used as a non-data argument of {node.name}")
@@ -188,6 +278,8 @@ class GraphAnalysis:
         name = _fname(node.target)
         args, kwargs = node.args, node.kwargs
         inputs = self._node_inputs(node)
+        if name == "getitem" and args and args[0] in self.tuple_labels and isinstance(args[1], int):
+            return self._clean(self.tuple_labels[args[0]][args[1]])
         if node.op == "call_function" and name == "getattr":
             attr = args[1] if len(args) > 1 else None
             if attr in _SHAPE_ATTRS:
@@ -235,7 +327,7 @@ class GraphAnalysis:
             kind = "residual add" if name in ("add", "iadd", "sub", "isub") else "concatenation"
             return self._sum_labels([self._lab(o) if isinstance(o, fx.Node) else {} for o in operands], node, kind)
         elif name in _PRODUCT_FUNCS:
-            return add_labels([self._lab(a) for a in inputs])
+            return self._product(name, inputs)
         elif name in _DIV_FUNCS:
             num = args[0] if args else None
             den = args[1] if len(args) > 1 else kwargs.get("other")
