@@ -117,6 +117,10 @@ def test_resume_with_a_changed_trajectory_key_is_refused_unless_accepted(tmp_pat
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and (out / "r" / "checkpoints" / "step000000002").is_dir(), r.stdout[-2000:]
 
+    r = train("run.max_steps=3", "optim.lr=0.2", "data.random_crop=true", accept=True)  # pinned even when accepted
+    assert r.returncode == 2 and "optim.lr: 0.1 -> 0.2" in r.stderr and "even with --accept-config-change" in r.stderr
+    assert "data.random_crop" not in r.stderr.split("even with")[1], r.stderr[-3000:]
+
     r = train("run.max_steps=3", "data.random_crop=true", accept=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "changed config (accepted)" in r.stderr and "data.random_crop: False -> True" in r.stderr, r.stderr[-3000:]

@@ -66,7 +66,8 @@ def test_deepspeed_steps_in_phase_with_global_step(runs):
     assert a["result"].global_step == EPOCHS * STEPS_PER_EPOCH
     assert a["epoch_ends"] == [(e * STEPS_PER_EPOCH,) * 2 for e in range(1, EPOCHS + 1)]
     # at every step: DeepSpeed has stepped as often, and its micro-step count sits on a boundary
-    assert {s: v[:2] for s, v in a["steps"].items()} == {s: (s, s * GROUP) for s in range(1, EPOCHS * STEPS_PER_EPOCH + 1)}
+    want = {s: (s, s * GROUP) for s in range(1, EPOCHS * STEPS_PER_EPOCH + 1)}
+    assert {s: v[:2] for s, v in a["steps"].items()} == want
 
 
 def test_first_step_of_epoch_two_matches_a_resume_from_epoch_one_bitwise(runs):

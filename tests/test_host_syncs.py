@@ -2,6 +2,8 @@
 nor is logged. On CPU there is no real sync, so every way a tensor's value reaches Python is counted instead
 (.item, .tolist, float(), int(), bool(), .numpy()): on a GPU each would block on the stream."""
 import contextlib
+import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,13 +15,19 @@ READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "num
 
 
 @contextlib.contextmanager
-def count_reads():
+def count_reads(with_site: bool = False):
+    """Yields the list of reads made inside the block: the method name, and with_site the first caller outside
+    torch (`item step.py:42 train_step`), so a failing count names the line."""
     calls = []
     originals = {name: getattr(torch.Tensor, name) for name in READS}
 
     def wrap(name, fn):
         def counted(self, *a, **kw):
-            calls.append(name)
+            if with_site:
+                site = next(f for f in reversed(traceback.extract_stack()[:-1]) if "/torch/" not in f.filename)
+                calls.append(f"{name} {Path(site.filename).name}:{site.lineno} {site.name}")
+            else:
+                calls.append(name)
             return fn(self, *a, **kw)
         return counted
 

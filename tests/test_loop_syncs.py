@@ -8,15 +8,12 @@ on a GPU each blocks on the stream. Each read is recorded with its call site, so
 """
 from __future__ import annotations
 
-import contextlib
-import traceback
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import REPO, fmnist_betons
-from test_host_syncs import READS
+from test_host_syncs import count_reads
 
 BASE = str(REPO / "configs" / "fmnist" / "base.yaml")
 
@@ -34,26 +31,9 @@ def inprocess_cfg(out: Path, data: Path, name: str, *overrides: str):
         "log.every_steps=100000", "log.tensorboard=false", "log.plots=false", *overrides])
 
 
-@contextlib.contextmanager
 def recorded_reads():
     """Every tensor read while active, as 'name file:line function' of the first frame outside torch."""
-    calls: list[str] = []
-    originals = {name: getattr(torch.Tensor, name) for name in READS}
-
-    def wrap(name, fn):
-        def counted(self, *a, **kw):
-            site = next(f for f in reversed(traceback.extract_stack()[:-1]) if "/torch/" not in f.filename)
-            calls.append(f"{name} {Path(site.filename).name}:{site.lineno} {site.name}")
-            return fn(self, *a, **kw)
-        return counted
-
-    for name, fn in originals.items():
-        setattr(torch.Tensor, name, wrap(name, fn))
-    try:
-        yield calls
-    finally:
-        for name, fn in originals.items():
-            setattr(torch.Tensor, name, fn)
+    return count_reads(with_site=True)
 
 
 @pytest.fixture(scope="module")

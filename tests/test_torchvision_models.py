@@ -26,6 +26,15 @@ TOL = 1e-9
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on the shared 2-core machine two spinning threads per process cost 5-20x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _exact_copy(model: nn.Module) -> nn.Module:
     """float64, norm eps 1e-20, every dropout / stochastic depth / attention dropout switched off, zero weight
     matrices (a zero-init head) drawn at random: a claim must hold for any weights."""
@@ -109,7 +118,7 @@ FAST = [("mobilenet_v3_small", 0.297, "features.1.block.1.fc1.weight"),      # S
         ("regnet_y_400mf", 0.821, "trunk_output.block1.block1-0.f.se.fc1.weight"),
         ("efficientnet_b0", 0.828, "features.1.0.block.1.fc2.weight"),
         ("vit_tiny", 0.735, "encoder.layers.encoder_layer_0.self_attention.in_proj_weight")]
-SLOW = [("resnet18", 0.999, "fc.weight"), ("resnext50_32x4d", 0.999, "fc.weight"),
+SLOW = [("resnet18", 0.999, "fc.weight"), ("resnext50_32x4d", 0.996, "fc.weight"),
         ("wide_resnet50_2", 0.999, "fc.weight"), ("vgg11_bn", 0.069, "classifier.0.weight"),
         ("mobilenet_v2", 0.979, "classifier.1.weight"), ("regnet_x_400mf", 0.992, "fc.weight"),
         ("densenet121", 0.955, "features.denseblock1.denselayer1.conv2.weight"),
@@ -136,7 +145,9 @@ def _check_family(name: str, share: float, plain: str) -> None:
     assert report.entry(plain).status == "plain", report.entry(plain)
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         assert _bn_positions(model, x) >= 4, name     # default res: the last BN stage sees >= 2x2 per image
-    assert_claims_hold(model, x, report)
+    # > 10M weights: all sets at once only (2 forwards per c; their ResNet-style sets are checked one by one on
+    # resnet18, and a false claim among them would still move the output)
+    assert_claims_hold(model, x, report, per_set=sum(p.numel() for p in model.parameters()) < 10_000_000)
 
 
 @pytest.mark.parametrize("name,share,plain", FAST, ids=[c[0] for c in FAST])

@@ -3,7 +3,6 @@ interrupted epoch continues at the same place of a world-size-independent global
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,3 +185,12 @@ def test_schedule_and_exp_lr_state_carry_over_across_world_size_changes(chain):
         ratio = schedule.lr_factor(step) / schedule.lr_factor(1)
         assert lrs == pytest.approx([lr * ratio for lr in lr0], rel=1e-12), step
         assert all(e in (None, step) for e in exp_steps) and step in exp_steps, "exp-LR bookkeeping restarted"
+
+
+def test_a_damaged_shard_is_named(tmp_path):
+    from bigexp.run.reshard import _load_shard
+
+    bad = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="zero_pp_rank_0_mp_rank_00_optim_states.pt: unreadable optimizer shard"):
+        _load_shard(bad)

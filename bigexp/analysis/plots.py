@@ -103,14 +103,7 @@ def plot_curves(runs: Mapping[str, Scalars], path: Path, *, title: str, ylabel: 
             style = "--" if tag == M.VAL_LOSS else "-"
             marker = "o" if len(steps) <= 30 else None
             ax.plot(steps, ys, style, marker=marker, markersize=3, label=label)
-        if logy:
-            ax.set_yscale("log")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        return save_figure_atomic(fig, path)
+        return _finish_axes(fig, ax, path, title=title, ylabel=ylabel, logy=logy)
     finally:
         plt.close(fig)
 
@@ -184,14 +177,7 @@ def plot_bands(arms: Mapping[str, Sequence[Scalars]], path: Path, *, title: str,
         for (arm, part, tag), series in lines.items():
             _draw_band(ax, f"{arm}: {part}" if part else arm, band(series), len(series),
                        floor=GAP_FLOOR if logy else None, style="--" if tag == M.VAL_LOSS else "-")
-        if logy:
-            ax.set_yscale("log")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        return save_figure_atomic(fig, path)
+        return _finish_axes(fig, ax, path, title=title, ylabel=ylabel, logy=logy)
     finally:
         plt.close(fig)
 
@@ -229,3 +215,15 @@ def plot_compare_seeds(arms: Mapping[str, Sequence[Scalars]], out_dir: Path,
         if p is not None:
             written.append(p)
     return written
+
+
+def _finish_axes(fig, ax, path: Path, *, title: str, ylabel: str, logy: bool) -> Path | None:
+    """Axis labels, grid and legend every step-indexed chart shares, then the atomic PNG write."""
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return save_figure_atomic(fig, path)

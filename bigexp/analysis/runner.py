@@ -26,6 +26,7 @@ from bigexp.config import arm_config
 from bigexp.config.schema import Config
 from bigexp.errors import ConfigError
 from bigexp.run.distributed import init_distributed
+from bigexp.run.lock import hold_run_lock
 from bigexp.run.loop import train
 
 
@@ -151,6 +152,9 @@ def _train_arm(cfg: Config, arm: str, seed: Optional[int], x, ctx, result: Compa
     acfg = arm_cfg_for(cfg, arm, world_size=ctx.world_size, seed=seed)
     name = seed_run(arm, seed)
     run_dir = result.logdir / name
+    # The run-directory lock before the event writer opens a file there (train() takes it again: it is re-entrant
+    # for its holder), so a compare refused for a live holder leaves the arm's directory as it was.
+    lock = hold_run_lock(run_dir, ctx)
     logger = CompareLogger(run_dir, enabled=acfg.log.tensorboard and ctx.is_main)
     hook = ProbeRecorder(x, run_dir, cfg.compare.probe_every_steps, enabled=ctx.is_main)
     if arm == CONTROL_ARM:
@@ -159,3 +163,4 @@ def _train_arm(cfg: Config, arm: str, seed: Optional[int], x, ctx, result: Compa
         result.results[name] = train(acfg, ctx=ctx, logger=logger, step_hook=hook)  # plots too (log.plots)
     finally:
         logger.close()
+        lock.release()

@@ -46,6 +46,9 @@ class RunConfig:
     threads: Optional[int] = f(None, "torch CPU threads per rank; null = cores / local ranks.", gt=0)
     deterministic: bool = f(False, "Deterministic algorithms (exact resume on CPU is exact either way).")
     progress: bool = f(True, "Progress bar on rank 0.")
+    accept_config_change: bool = f(False, "Resume even though a trajectory key (data, model, engine) differs from "
+                                          "the checkpoint's config; optim.* and schedule.* can never change on a "
+                                          "resume (bigexp/run/drift.py). Also: bigexp train --accept-config-change.")
 
 
 @dataclass

@@ -19,7 +19,6 @@ This module imports nothing heavy: ffcv's layout types are imported inside the f
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Optional
 
 import numpy as np
 
+from bigexp.filehash import file_sha256  # noqa: F401  (re-exported: bigexp.data.integrity.file_sha256)
 from bigexp import __version__
 from bigexp.atomic import write_text_atomic
 from bigexp.errors import DataError
@@ -37,7 +37,6 @@ FORMAT = "bigexp-beton-integrity"
 FORMAT_VERSION = 1
 # A 190 MB Fashion-MNIST train file hashes in < 1 s even at this box's 260 MB/s; ImageNet's ~100 GB never is.
 FULL_HASH_ON_LOAD_MAX_BYTES = 256 * 2**20
-_CHUNK = 8 << 20
 _REQUIRED = {"size": int, "sha256": str, "num_samples": int, "fields": dict}
 _warned: set = set()
 _hashed: dict = {}   # (path, size, mtime_ns, inode) -> sha256 already checked in this process
@@ -46,20 +45,6 @@ _hashed: dict = {}   # (path, size, mtime_ns, inode) -> sha256 already checked i
 def sidecar_path_for(beton) -> Path:
     beton = Path(beton)
     return beton.with_name(beton.name + SIDECAR_SUFFIX)
-
-
-def file_sha256(path, *, progress: bool = False, desc: Optional[str] = None) -> str:
-    """Hex sha256 of a file, read in 8 MiB chunks; a byte progress bar when `progress`."""
-    from tqdm import tqdm  # only when hashing (keeps `import bigexp.data` cheap)
-
-    h = hashlib.sha256()
-    path = Path(path)
-    with open(path, "rb") as fh, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=desc or path.name,
-                                      disable=not progress) as bar:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            h.update(chunk)
-            bar.update(len(chunk))
-    return h.hexdigest()
 
 
 def field_types(reader) -> dict:

@@ -24,10 +24,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from bigexp.filehash import file_sha256
 from bigexp.errors import CheckpointError, DiskFullError  # noqa: F401  (re-exported)
 from bigexp.atomic import fsync_dir, write_text_atomic
 from bigexp.run.distributed import DistContext
-from bigexp.run.drift import input_identity
+from bigexp.run.drift import check_resume_config, input_identity
 from bigexp.run.faults import NO_FAULTS, Faults
 
 MANIFEST = "manifest.json"
@@ -54,6 +55,13 @@ def is_disk_full(exc: BaseException, directory: Path) -> bool:
     return isinstance(exc, RuntimeError) and _free_bytes(directory) < LOW_SPACE_BYTES
 
 
+def _check_model(path: Path, manifest: dict, signature: dict) -> None:
+    if manifest.get("model") != signature:
+        raise CheckpointError(
+            f"{path}: written for a different model ({manifest.get('model')}); this run builds {signature}. "
+            f"Point run.out_dir/run.name elsewhere or use --resume never.")
+
+
 def _fresh_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
@@ -66,14 +74,6 @@ def _attempt(fn) -> Optional[BaseException]:
     except Exception as exc:  # noqa: BLE001 -- handed back, re-raised by _stop_if_any_failed
         return exc
     return None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_signature(model: torch.nn.Module) -> dict:
@@ -116,7 +116,7 @@ def verify_checkpoint(path: Path, *, deep: bool = True) -> dict:
             raise CheckpointError(f"{f}: missing (listed in {mpath})")
         if f.stat().st_size != meta["size"]:
             raise CheckpointError(f"{f}: size {f.stat().st_size} != {meta['size']} recorded (truncated?)")
-        if deep and _sha256(f) != meta["sha256"]:
+        if deep and file_sha256(f) != meta["sha256"]:
             raise CheckpointError(f"{f}: sha256 differs from the manifest (corrupt)")
     return manifest
 
@@ -183,7 +183,7 @@ class CheckpointManager:
         files = {}
         for f in sorted(tmp.rglob("*")):
             if f.is_file():
-                files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+                files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
         manifest = {"global_step": global_step, "world_size": self.ctx.world_size, "model": signature,
                     "files": files, "config": client_state.get("config"),
                     "inputs": input_identity(client_state.get("config"))}
@@ -265,32 +265,25 @@ class CheckpointManager:
                 warnings.warn(f"removing {p} (left by an interrupted checkpoint save)")
                 shutil.rmtree(p, ignore_errors=True)
 
+    def check_config(self, path: Path, cfg, signature: dict) -> None:
+        """Before loading: a checkpoint of another model is refused as such (CheckpointError), then a config that
+        changes the trajectory (bigexp.run.drift: ConfigError unless accepted). Reads only the manifest, which
+        holds the config it was written under (checkpoints older than that are not compared)."""
+        path = Path(path)
+        manifest = verify_checkpoint(path, deep=False)
+        _check_model(path, manifest, signature)
+        check_resume_config(self._manifest_dict(manifest, "config"), cfg, path, self._manifest_dict(manifest, "inputs"))
+
     @staticmethod
-    def _manifest_dict(path: Path, key: str) -> dict:
-        try:
-            value = json.loads((Path(path) / MANIFEST).read_text()).get(key)
-        except (OSError, ValueError, AttributeError):
-            return {}
+    def _manifest_dict(manifest: dict, key: str) -> dict:
+        value = manifest.get(key)
         return value if isinstance(value, dict) else {}
-
-    @classmethod
-    def saved_config(cls, path: Path) -> dict:
-        """The resolved config the checkpoint was written under, readable without loading it ({} if older)."""
-        return cls._manifest_dict(path, "config")
-
-    @classmethod
-    def recorded_inputs(cls, path: Path) -> dict:
-        """The data files' content identity recorded at save ({key: sha256 or None}; {} for older checkpoints)."""
-        return cls._manifest_dict(path, "inputs")
 
     def load(self, engine, path: Path, signature: dict) -> dict:
         """Collective. Restores engine (weights, optimizer, scheduler) and this rank's RNG; returns client state."""
         path = Path(path)
         manifest = verify_checkpoint(path, deep=False)
-        if manifest.get("model") != signature:
-            raise CheckpointError(
-                f"{path}: written for a different model ({manifest.get('model')}); this run builds {signature}. "
-                f"Point run.out_dir/run.name elsewhere or use --resume never.")
+        _check_model(path, manifest, signature)
         # another number of ranks: sharded optimizer state is cut anew (bigexp.run.reshard)
         load_path, client = engine.load_checkpoint(path, manifest.get("world_size"))
         if load_path is None:

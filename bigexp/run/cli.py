@@ -27,7 +27,6 @@ def run(args) -> int:
     if args.resume is not None:
         cfg.run.resume = args.resume
     if args.accept_config_change:
-        # an attribute, not yet a schema key: bigexp.run.drift reads it with getattr (run.accept_config_change)
         cfg.run.accept_config_change = True
     loop.train(cfg)  # looked up on the module at call time: tests replace it with a tripwire
     shutdown_distributed()

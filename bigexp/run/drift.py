@@ -16,10 +16,10 @@ one, so a new key cannot slip through unclassified); a key missing here is treat
               refused; by path when either side has no record
   FREE        not compared
 
-Caveat (not this module's to fix): the load then restores the optimizer's param-group hyperparameters and the
-scheduler's base LRs from the checkpoint, and bigexp/optim/schedules.py refuses a changed schedule on its own, so
-an accepted change of optim.lr/momentum/weight_decay or schedule.* does not take effect yet; data, augmentation and
-engine keys do. Checkpoints written before the manifest carried the config are not compared here.
+PINNED: the load restores the optimizer's param-group hyperparameters and the scheduler's state from the
+checkpoint, and ExpSGD's bookkeeping (A_t, the exponential LR) is a function of the schedule so far, so a change of
+optim.* or schedule.* (or run.epochs, which stretches the schedule) would not take effect: those are refused even
+with --accept-config-change; data, augmentation, model-free and engine keys are accepted with it. Checkpoints written before the manifest carried the config are not compared here.
 
 A key present on one side only (a checkpoint from a bigexp without it, or a key since removed) is not compared: a
 new key's default is the old behaviour.
@@ -35,6 +35,8 @@ from bigexp.data.integrity import read_sidecar
 from bigexp.errors import ConfigError, DataError
 
 TRAJECTORY, CONTENT, FREE = "trajectory", "content", "free"
+# Trajectory keys the checkpoint itself restores: never accepted on a resume (see PINNED in the docstring).
+PINNED_PREFIXES = ("optim.", "schedule.", "run.epochs:")
 
 _T, _C, _F = TRAJECTORY, CONTENT, FREE
 KEY_CLASSES: dict[str, str] = {
@@ -71,7 +73,7 @@ KEY_CLASSES: dict[str, str] = {
     "compare.seeds": _F,
 }
 # Classified ahead of their schema field (proposed or being added elsewhere); the test allows only these extras.
-NOT_YET_IN_SCHEMA = frozenset({"optim.twin", "run.accept_config_change"})
+NOT_YET_IN_SCHEMA = frozenset({"optim.twin"})
 
 
 def key_class(key: str) -> str:
@@ -135,6 +137,13 @@ def check_resume_config(saved: Optional[Mapping], cfg, checkpoint: Path,
     if not drift:
         return
     listed = "\n".join(f"  {line}" for line in drift)
+    pinned = [line for line in drift if line.startswith(PINNED_PREFIXES)]
+    if getattr(cfg.run, "accept_config_change", False) and pinned:
+        raise ConfigError(
+            f"resuming {checkpoint}: these keys cannot change on a resume, even with --accept-config-change:\n"
+            + "\n".join(f"  {line}" for line in pinned) + "\nThe optimizer's hyperparameters and the LR schedule are "
+            f"restored from the checkpoint (and the exp-LR bookkeeping is a function of the schedule so far), so the "
+            f"new values would not take effect. Start another run (another run.name, or --resume never).")
     if getattr(cfg.run, "accept_config_change", False):
         warnings.warn(f"resuming {checkpoint} with a changed config (accepted):\n{listed}\nthe run from here on is not "
                       f"the one its earlier steps belong to", RuntimeWarning, stacklevel=2)

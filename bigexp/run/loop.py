@@ -29,7 +29,6 @@ from bigexp.optim.build import BuiltOptimizer, build_optimizer, group_stats
 from bigexp.optim.schedules import ParamGroupScheduler, build_schedule
 from bigexp.run.checkpoint import CheckpointManager, model_signature
 from bigexp.run.distributed import DistContext, init_distributed, rank_threads, reset_threads
-from bigexp.run.drift import check_resume_config
 from bigexp.run.engine import Engine, build_engine, micro_batch_size, precision_dtype
 from bigexp.run.faults import Faults
 from bigexp.run.lock import hold_run_lock
@@ -194,7 +193,7 @@ def _resume(run: Run) -> tuple[LoopState, Optional[Path]]:
     path = run.ckpt.find_resumable(cfg.run.resume)
     if path is None:
         return LoopState(), None
-    check_resume_config(run.ckpt.saved_config(path), run.cfg, path, run.ckpt.recorded_inputs(path))  # drift.py
+    run.ckpt.check_config(path, run.cfg, run.signature)  # before loading: its model, then config drift (drift.py)
     client = run.ckpt.load(run.engine, path, run.signature)
     state = LoopState(global_step=client["global_step"], epoch=client["epoch"],
                       batch_in_epoch=client["batch_in_epoch"])

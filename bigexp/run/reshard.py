@@ -71,6 +71,13 @@ def reshard(pieces: list[torch.Tensor], length: int, part: int, rank: int) -> to
     return out
 
 
+def _load_shard(f: Path) -> dict:
+    try:
+        return torch.load(f, map_location="cpu", weights_only=False)[OPTIMIZER_STATE_DICT]
+    except Exception as e:  # a damaged file raises anything from pickle/zip/KeyError: name the file instead
+        raise CheckpointError(f"{f}: unreadable optimizer shard ({type(e).__name__}: {e})") from e
+
+
 def _check_layout(opt, saved: list[dict], path: Path) -> None:
     """Refuse shards whose groups or per-parameter padding are not this optimizer's (another model, another
     zero_optimization.parameter_alignment): cutting them would misplace every element after the first difference."""
@@ -108,8 +115,7 @@ def load_resharded_optimizer(ds_engine, path: Path, saved_world_size: int) -> No
     opt = ds_engine.optimizer                         # DeepSpeedZeroOptimizer or BF16_Optimizer
     rank = dist.get_rank(group=opt.dp_process_group)
     world = dist.get_world_size(group=opt.dp_process_group)
-    saved = [torch.load(f, map_location="cpu", weights_only=False)[OPTIMIZER_STATE_DICT]
-             for f in shard_files(path, saved_world_size)]
+    saved = [_load_shard(f) for f in shard_files(path, saved_world_size)]
     _check_layout(opt, saved, path)
     lean = ZERO_STAGE in saved[0]   # only ZeRO's optimizer records its stage, and it saves masters without padding
     base0 = saved[0][BASE_OPTIMIZER_STATE]
