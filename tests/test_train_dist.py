@@ -131,7 +131,7 @@ def test_stopped_and_resumed_run_ends_with_the_same_weights(full_run, small_fmni
 # ----------------------------------------------------------------------------------------------- ImageNet path
 @pytest.mark.skipif(not IMAGENET_SAMPLE.is_dir(), reason=f"{IMAGENET_SAMPLE} missing")
 def test_imagenet_rn50_exp_config_end_to_end_on_the_sample(tmp_path):
-    """The cluster user's path, smaller: write the .beton from the shared ImageNet sample, a few bf16 ZeRO-1 steps of
+    """The cluster user's path, smaller: write the .beton from the shared ImageNet sample, a few bf16-autocast ZeRO-1 steps of
     ResNet-50 with ExpSGD and renormalisation on 2 CPU ranks, a checkpoint, an eval."""
     cmd = torchrun_cmd(["-m", "bigexp", "train", "--config", "configs/imagenet/rn50_step_exp.yaml",
                         f"run.out_dir={tmp_path}", "run.name=rn50", "run.max_steps=3", "run.progress=false",
