@@ -402,7 +402,7 @@ def test_shipped_config_facts():
     assert (rn.model.arch, rn.model.num_classes, rn.run.epochs, rn.schedule.milestones) == ("resnet50", 1000, 90,
                                                                                             [30, 60, 80])
     assert (rn.engine.precision, rn.engine.zero_stage, rn.data.batch_size, rn.optim.lr_reference_batch) == \
-        ("bf16", 1, 256, 256)
+        ("bf16_autocast", 1, 256, 256)
     ff = load_config(os.path.join(REPO, "configs", "imagenet", "rn50_ffcv_fast.yaml"))
     assert (ff.data.min_res, ff.data.max_res, ff.data.end_ramp_epoch, ff.data.val_res, ff.run.epochs) == \
         (160, 192, 13, 256, 16)

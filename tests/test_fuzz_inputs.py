@@ -95,7 +95,8 @@ def test_a_damaged_config_exits_2_through_the_cli_and_leaves_the_run_alone(tmp_p
 def fake_checkpoint(root: Path, step: int) -> Path:
     """A checkpoint directory as CheckpointManager.save leaves it: shards plus a manifest of their sizes and
     sha256 (the shards are noise: only the manifest check reads them)."""
-    from bigexp.run.checkpoint import MANIFEST, CheckpointManager, _sha256
+    from bigexp.filehash import file_sha256 as _sha256
+    from bigexp.run.checkpoint import MANIFEST, CheckpointManager
 
     d = root / CheckpointManager.tag(step)
     d.mkdir(parents=True)

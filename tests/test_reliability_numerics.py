@@ -77,7 +77,10 @@ class Arm:
         else:
             self.opt = ExpSGD([{"params": [w], "scale_invariant": True} for w in self.masters], lr=LR, momentum=MOM,
                               weight_decay=WD, renorm_every=100 if renorm else None,
-                              renorm_band=BAND if renorm else None)
+                              renorm_band=BAND if renorm else None,
+                              # the band read every step (one host read each): the guarantee tested below is the
+                              # band's; by default ExpSGD reads it only at renorm_every ticks (no sync in between)
+                              band_check_every=1 if renorm else None)
 
     def sync_model(self):
         if self.masters is not self.model_params:
