@@ -40,3 +40,15 @@ def train_args(config: str, out: Path, data: Path, name: str, *overrides: str) -
     return ["-m", "bigexp", "train", "--config", config, f"run.out_dir={out}", f"run.name={name}", "run.progress=false",
             f"data.train_beton={data / 'train.beton'}", f"data.val_beton={data / 'val.beton'}",
             "data.write_missing=false", *overrides]
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test: tiny convs on the shared 2-core machine run 5-20x slower with two
+    contended threads. The caller's count is restored after."""
+    import torch  # here, not at load time (see the module docstring)
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -29,12 +29,8 @@ PLAIN_TOL = 1e-11
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convs: 1 thread is ~20x faster than 2 contended ones (other suites run beside this one).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here on one thread (conftest.one_thread)."""
 
 
 # ------------------------------------------------------------------------------------------- networks
