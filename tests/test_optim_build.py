@@ -56,3 +56,53 @@ def test_expsgd_needs_a_band_a_power_of_two_renormalisation_can_reach():
     with pytest.raises(ConfigError, match=r"optim.renorm_band = 1.2 .*must be >= sqrt\(2\)"):
         validate(_expsgd_cfg(renorm_band=1.2))
     validate(_expsgd_cfg(renorm_band=math.sqrt(2.0)))
+
+
+def test_exact_twin_refuses_compile_naming_both_keys():
+    cfg = _expsgd_cfg(twin="exact")
+    cfg.engine.compile = True
+    with pytest.raises(ConfigError, match=r"optim.twin = 'exact' \(default\).*engine.compile = true") as e:
+        validate(cfg)
+    assert "recompile" in str(e.value)
+    validate(_expsgd_cfg(twin="native"))   # native compiles: its eps never changes
+    cfg.engine.compile = False
+    validate(cfg)
+
+
+def model_modules(model, names):
+    return [(n, m) for n, m in model.named_modules() if n in names]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_build_optimizer_installs_the_exact_twin_on_the_expsgd_arm_only():
+    """exact: an attached ExactTwin is the renorm hook (no renorm-only rescaler beside it) and moves every BN's eps
+    to eps0 * A**-2 after a step; native keeps eps; the sgd arm ignores the key. Would fail if build dropped the key,
+    installed both hooks, or left the twin unattached."""
+    from bigexp.models import build_model
+    from bigexp.optim.build import build_optimizer
+
+    def one_step(optimizer, twin):
+        cfg = _expsgd_cfg(twin=twin, optimizer=optimizer)
+        cfg.model.width = 4
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        x = torch.randn(4, 3, 16, 16)
+        built = build_optimizer(cfg, model, x)
+        torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
+        built.optimizer.step()
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        return built, bns
+
+    built, bns = one_step("expsgd", "exact")
+    assert built.twin is not None and built.on_renorm == built.twin.on_renorm
+    g = next(g for g in built.optimizer.param_groups if g["scale_invariant"])
+    log_a = g["exp_log_A"] + g["exp_log_A_lo"] + g["exp_log2_A"] * math.log(2.0)
+    absorbing = {st["name"] for st in built.twin.state()}
+    assert len(absorbing) >= 3
+    for name, m in model_modules(built.twin.model, absorbing):
+        assert m.eps == pytest.approx(1e-5 * math.exp(-2 * log_a), rel=1e-12), name
+    assert log_a < 0
+    built, bns = one_step("expsgd", "native")
+    assert built.twin is None and all(m.eps == 1e-5 for m in bns)
+    built, bns = one_step("sgd", "exact")
+    assert built.twin is None and type(built.optimizer) is torch.optim.SGD and all(m.eps == 1e-5 for m in bns)

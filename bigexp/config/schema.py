@@ -122,6 +122,12 @@ class OptimConfig:
     renorm_band: float = f(16.0, "expsgd: also renormalise when a group's norm leaves [n0/band, n0*band].", gt=1)
     invariance_check_tol: float = f(1e-3, "Relative output change allowed when verifying scale invariance.", gt=0)
     label_smoothing: float = f(0.0, "Cross-entropy label smoothing.", ge=0, lt=1)
+    twin: str = f("native", "expsgd: native (the norms' eps fixed: equivalent to the baseline up to eps, whose "
+                            "relative weight changes with the weights' scale A_t) | exact (every absorbing norm's eps "
+                            "set to eps*A_t**(-2d) and BatchNorm running stats rescaled after each step, so train- "
+                            "and eval-mode outputs equal the baseline's to rounding; costs one host scalar per norm "
+                            "and one in-place multiply of the running stats per step; refuses functional norms and "
+                            "engine.compile). The sgd arm ignores it.", choices=["native", "exact"])
 
 
 @dataclass
@@ -148,6 +154,9 @@ class EngineConfig:
     grad_accum: int = f(1, "Gradient accumulation steps.", gt=0)
     initial_loss_scale_power: int = f(16, "fp16: initial loss scale 2**N.", ge=0, le=32)
     gradient_clipping: float = f(0.0, "Clip global grad norm (0 = off).", ge=0)
+    compile: bool = f(False, "torch.compile the model (DeepSpeed's engine.compile: in place, so checkpoints keep "
+                             "the uncompiled model's keys). The LR stays outside the graph, in the optimizer, which "
+                             "is not compiled. The first steps and the first eval pay the compile time.")
 
 
 @dataclass

@@ -274,6 +274,13 @@ def _expsgd_errors(cfg: Config, at, src) -> list[str]:
         errors.append(f"{at('optim.renorm_band')}: must be >= sqrt(2) = {MIN_RENORM_BAND:.6g} with optim.optimizer "
                       f"= 'expsgd' ({src('optim.optimizer')}): renormalisation divides by a power of two, which "
                       "lands within sqrt(2) of the initial norm")
+    if optim.twin == "exact" and engine.compile:
+        # the exact twin writes a new Python-float eps into every absorbing norm after each step: a compiled graph
+        # guards on it and would recompile at every step (or, with guards off, keep a stale eps)
+        errors.append(f"{at('optim.twin')}: 'exact' with engine.compile = true ({src('engine.compile')}) is refused: "
+                      "the exact twin changes the norm layers' eps (a Python float) after every step, which "
+                      "torch.compile would recompile for at every step; set engine.compile=false or "
+                      "optim.twin=native")
     err = exp_lr_condition_error(optim.lr, data.batch_size, optim.lr_reference_batch,
                                  optim.weight_decay, optim.momentum)
     if err is not None:
@@ -290,7 +297,7 @@ def validate(cfg: Config, *, world_size: int | None = None) -> None:
     milestones sorted and within (0, run.epochs]; min_res <= max_res; end_ramp >= start_ramp;
     data.batch_size divisible by world_size × engine.grad_accum (only when world_size is given);
     expsgd refuses nesterov and gradient clipping, needs renorm_band >= √2 and ηλ <= (1-√γ)²
-    (`bigexp.optim.expmath.exp_form_exists`).
+    (`bigexp.optim.expmath.exp_form_exists`), and refuses optim.twin = exact with engine.compile.
     """
     if not isinstance(cfg, Config):
         raise ConfigError(f"expected a bigexp Config, got {type(cfg).__name__}")

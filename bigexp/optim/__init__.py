@@ -5,6 +5,8 @@
     opt = ExpSGD(groups, lr=0.1, momentum=0.9, weight_decay=5e-4,
                  on_renorm=running_stats_rescaler(model, report, groups))
     opt = ExpSGD.for_model(model, batch, lr=0.1, momentum=0.9, weight_decay=5e-4)   # the same, in one line
+    twin = ExactTwin(model, report, groups)                # optim.twin: exact (eps > 0 and eval mode too):
+    opt = ExpSGD(groups, ..., on_renorm=twin.on_renorm); twin.attach(opt)
 
 The pure math (expmath: numpy only) and the schedules (math only) are imported here directly. ExpSGD and the
 invariance detector need torch, so they are imported on first use (module `__getattr__`): bigexp.config checks
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from bigexp.optim.dropin import GradCosAudit, attach_deepspeed, grad_cosines
     from bigexp.optim.expsgd import ExpSGD
     from bigexp.optim.invariance import InvarianceReport, find_scale_invariant, param_groups, running_stats_rescaler
+    from bigexp.optim.twin import ExactTwin
 
 # name -> module, for the torch-backed names (see the module docstring for why they are lazy)
 _LAZY = {
@@ -37,11 +40,14 @@ _LAZY = {
     "find_scale_invariant": "bigexp.optim.invariance",
     "param_groups": "bigexp.optim.invariance",
     "running_stats_rescaler": "bigexp.optim.invariance",
+    "ExactTwin": "bigexp.optim.twin",
 }
 
 __all__ = [
     # optimizer and its param groups
     "ExpSGD", "find_scale_invariant", "param_groups", "running_stats_rescaler", "InvarianceReport",
+    # eps and BatchNorm running stats following the weights' scale (optim.twin: exact)
+    "ExactTwin",
     # dropping ExpSGD into another script (ExpSGD.for_model, then attach_deepspeed under DeepSpeed)
     "attach_deepspeed", "grad_cosines", "GradCosAudit",
     # the equivalence as numbers

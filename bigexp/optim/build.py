@@ -3,6 +3,10 @@
 Both arms get the SAME param groups (invariant weights with weight decay λ, everything else in a plain group with
 `plain_weight_decay`), so the baseline (torch SGD) and the exp-LR arm (ExpSGD) differ in the optimizer class only:
 that is what makes them comparable and, on the invariant groups, exactly equivalent.
+
+optim.twin = "exact" (expsgd only) also installs an `ExactTwin` (bigexp.optim.twin): the norms' eps and BatchNorm's
+running statistics follow the weights' scale, so the equivalence holds with eps > 0 and in eval mode too; it replaces
+the renorm-only `running_stats_rescaler`. The sgd arm is the same either way.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from bigexp.config.schema import Config
 from bigexp.optim.expmath import effective_lr
 from bigexp.optim.expsgd import ExpSGD
 from bigexp.optim.invariance import param_groups, running_stats_rescaler
+from bigexp.optim.twin import ExactTwin
 
 
 @dataclass
@@ -24,6 +29,7 @@ class BuiltOptimizer:
     on_renorm: Optional[Callable[[int, float], None]]
     base_lr: float
     group_names: list
+    twin: Optional[ExactTwin] = None    # optim.twin = "exact" on the expsgd arm: already attached to `optimizer`
 
 
 def config_lr(cfg: Config) -> float:
@@ -47,11 +53,18 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, example_input: torch.Te
         opt = torch.optim.SGD(groups, lr=lr, momentum=oc.momentum, weight_decay=oc.weight_decay,
                               nesterov=oc.nesterov, foreach=not fused, fused=fused or None)
         on_renorm = None
+        twin = None
     else:
-        on_renorm = running_stats_rescaler(model, report, groups)
+        # exact: the twin's hook moves the running stats at every scale change, renormalisations included (the
+        # renorm-only rescaler would count those twice)
+        twin = ExactTwin(model, report, groups) if oc.twin == "exact" else None
+        on_renorm = twin.on_renorm if twin is not None else running_stats_rescaler(model, report, groups)
         opt = ExpSGD(groups, lr=lr, momentum=oc.momentum, weight_decay=oc.weight_decay, nesterov=oc.nesterov,
                      renorm_every=oc.renorm_every, renorm_band=oc.renorm_band, on_renorm=on_renorm, fused=fused)
-    return BuiltOptimizer(optimizer=opt, report=report, on_renorm=on_renorm, base_lr=lr, group_names=names)
+        if twin is not None:
+            twin.attach(opt)
+    return BuiltOptimizer(optimizer=opt, report=report, on_renorm=on_renorm, base_lr=lr, group_names=names,
+                          twin=twin)
 
 
 def group_stats(optimizer: torch.optim.Optimizer, group_names: list,

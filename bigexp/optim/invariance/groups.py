@@ -1,4 +1,5 @@
-"""From the report to the optimizer: ExpSGD's param groups, and the BatchNorm running-stats hook for renorms."""
+"""From the report to the optimizer: ExpSGD's param groups, the BatchNorm running-stats hook for renorms, and which
+norm layers absorb which groups at which degree (`norm_degrees`, for the exact twin `bigexp.optim.twin`)."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -77,6 +78,25 @@ def _stats_plan(set_ids: set, report: InvarianceReport) -> list:
             key = (u.running_mean, u.running_var)
             degree[key] = degree.get(key, 0) + u.degree
     return [(rm, rv, d) for (rm, rv), d in degree.items()]
+
+
+def norm_degrees(model: nn.Module, report: InvarianceReport, groups) -> dict:
+    """{norm name: (NormUse, {group index: degree})} for every norm layer absorbing an invariant group: scaling
+    group g's weights by c multiplies that norm's input by c**degree (a norm absorbing several sets of one group
+    gets the sum of their degrees, as in `_stats_plan`). groups: as for `running_stats_rescaler` (the index is the
+    position, ExpSGD's exp_index). Each group must hold whole sets; plain groups contribute nothing."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    entry = {e.name: e for e in report.entries}
+    out: dict = {}
+    for gi, g in enumerate(groups):
+        if not g.get("scale_invariant", False):
+            continue
+        names = {name_of[id(p)] for p in g["params"]}
+        for si in sorted(_group_sets(gi, g, names, entry, report)):
+            for u in report.sets[si].norms:
+                use, deg = out.setdefault(u.name, (u, {}))
+                deg[gi] = deg.get(gi, 0) + u.degree
+    return out
 
 
 def running_stats_rescaler(model: nn.Module, report: InvarianceReport, groups) -> Callable[[int, float], None]:
