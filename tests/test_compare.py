@@ -129,16 +129,17 @@ def test_custom_scalars_layout_read_back(logdir):
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
     assert charts["val top-1 (%)"] == [r"^val/top1$"]
     assert charts["train loss"] == [r"^train/loss$"] and charts["val loss"] == [r"^val/loss$"]
-    assert any("log10" in t and "LR" in t for t in charts)
-    assert any("effective" in t for t in charts) and any("weight norm" in t for t in charts)
+    # One chart per param group and stat (arms overlaid), never two groups in one chart
+    assert charts["scale_invariant: log10_applied_lr"] == [r"^opt/scale_invariant/log10_applied_lr$"]
+    assert "scale_invariant: effective_lr" in charts and "plain: weight_norm" in charts
     assert r"^gap/max_abs_logit$" in charts["max |Δ logit| (batch statistics)"]
     # Every chart regex matches a tag some run logged (no dead charts for the core metrics).
     import re
     tags = set()
     for run in ("sgd", "expsgd", "gap"):
         tags |= set(_events(logdir / run))
-    for title in ("val top-1 (%)", "train loss", "LR applied, log10 (TensorBoard has no log axis per chart)",
-                  "effective LR = LR/|w|^2, log10", "weight norm |w|, log10", "KL(p_base || p_twin)"):
+    for title in ("val top-1 (%)", "train loss", "scale_invariant: log10_applied_lr",
+                  "scale_invariant: log10_effective_lr", "plain: log10_weight_norm", "KL(p_base || p_twin)"):
         assert any(re.match(rx, t) for rx in charts[title] for t in tags), title
 
 

@@ -79,3 +79,22 @@ def test_lines_are_labelled_per_run_and_group(tmp_path, monkeypatch):
     assert labels["expsgd: scale_invariant"][-1] == pytest.approx(0.1 * 1.3 ** 20, rel=1e-6)
     labels, scale = seen["train_loss.png"]
     assert scale == "linear" and {"sgd: train", "sgd: val"} <= set(labels)
+
+
+def test_theory_figure_per_invariant_group_only_when_logged(tmp_path):
+    """theory.png: a panel per invariant group that logged theory/<group>/angular_update, none without."""
+    from bigexp.analysis.plots import plot_theory
+    from bigexp.analysis.report import plot_run
+    from bigexp.run.metrics import TBLogger
+
+    t = TBLogger(tmp_path / "r")
+    for s in range(1, 11):
+        t.scalars(s, {"train/loss": 1.0, "theory/scale_invariant/a/angular_update": 0.01 / s,
+                      "theory/scale_invariant/a/angular_equilibrium": 0.005,
+                      "theory/scale_invariant/b/angular_update": 0.0,   # exact 0 (a skipped step): on the floor
+                      "theory/scale_invariant/b/angular_equilibrium": 0.005})
+    t.close()
+    assert "theory.png" in {p.name for p in plot_run(tmp_path / "r")}
+    assert (tmp_path / "r" / "plots" / "theory.png").read_bytes()[:8] == PNG
+    assert plot_theory({"sgd": [{"train/loss": ([1], [1.0])}]}, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()

@@ -5,7 +5,7 @@ Layout of one comparison, a single TensorBoard logdir <run.out_dir>/<run.name>/:
     sgd_perturbed/  (CONTROL_ARM, compare.control) the baseline started from weights nudged by float32 round-off
     gap/            (GAP_RUN) the equivalence gap between the arms on a fixed probe batch, per probe step
     gap_control/    (GAP_CONTROL_RUN) the same gap tags between the control and the baseline: the chaos floor
-    events.*.bigexp-layout   (LAYOUT_FILE) the custom-scalars layout: each metric of all arms overlaid in one chart
+    events.*.bigexp-layout   (LAYOUT_FILE) the custom-scalars layout: each metric (per param group) of all arms overlaid
     report.md, plots/        written by `bigexp report`
 With compare.seeds of two or more seeds every run above is one directory deeper, one per seed: <arm>/seed<s>/,
 gap/seed<s>/, gap_control/seed<s>/ (`seed_run`); TensorBoard names those runs "sgd/seed0", so its run filter
@@ -222,30 +222,22 @@ class CompareLogger(TBLogger):
 
 
 # ---------------------------------------------------------------------------------------------- the layout
-def custom_scalars_layout(title: str, opt_tags: Sequence[str] = ()) -> dict:
+def custom_scalars_layout(title: str, group_tags: Sequence[str] = ()) -> dict:
     """The charts (SummaryWriter.add_custom_scalars format): tags are regexes, matched in every run of the logdir,
-    so each chart overlays that metric of all arms (and seeds). `opt_tags` (the opt/<group>/<stat> tags the arms
-    logged) add one category per param group with one chart per tag: in the "compare" charts every group of a run
-    has that run's colour, so the invariant and plain groups of one arm cannot be told apart there."""
+    so each chart overlays that metric of all arms (and seeds). `group_tags` (the opt/<group>/<stat> and
+    theory/<group>/<stat> tags the arms logged) add one category per param group, one chart per stat, and per
+    invariant group a theory category: the measured angular update beside its equilibrium prediction.
+    No chart holds two param groups: TensorBoard colours a line by its run, so two groups of one arm in one chart
+    could not be told apart."""
     def tags(*names):
         return ["Multiline", [M.tag_regex(t) for t in names]]
 
-    def per_group(stat):  # every param group's line in one chart
-        return ["Multiline", [M.opt_tag_regex(stat, group=".*")]]
-
-    log10 = M.LOG10_PREFIX
     layout = {
         f"compare: {title}": {
             "val top-1 (%)": tags(M.VAL_TOP1),
             "val top-5 (%)": tags(M.VAL_TOP5),
             "train loss": tags(M.TRAIN_LOSS),
             "val loss": tags(M.VAL_LOSS),
-            "LR applied, log10 (TensorBoard has no log axis per chart)": per_group(log10 + M.APPLIED_LR),
-            "LR applied (linear)": per_group(M.APPLIED_LR),
-            "effective LR = LR/|w|^2, log10": per_group(log10 + M.EFFECTIVE_LR),
-            "weight norm |w|, log10": per_group(log10 + M.WEIGHT_NORM),
-            "weight norm |w| (linear)": per_group(M.WEIGHT_NORM),
-            "exp-LR bookkeeping log A_t": per_group(M.LOG_A),
             "throughput img/s": tags(M.TRAIN_IMG_PER_S),
         },
         "equivalence gap (probe batch)": {
@@ -257,20 +249,31 @@ def custom_scalars_layout(title: str, opt_tags: Sequence[str] = ()) -> dict:
             "non-invariant params: max relative difference": tags(M.GAP_MAX_PLAIN_REL_DIFF),
         },
     }
-    for tag in sorted(set(opt_tags)):
-        group, stat = M.split_opt_tag(tag)
-        layout.setdefault(f"param group {group}", {})[f"{group}: {stat}"] = tags(tag)
+    tag_set = set(group_tags)
+    for tag in sorted(tag_set):
+        if M.split_opt_tag(tag) is not None:
+            group, stat = M.split_opt_tag(tag)
+            layout.setdefault(f"param group {group}", {})[f"{group}: {stat}"] = tags(tag)
+        elif M.split_theory_tag(tag) is not None and M.split_theory_tag(tag)[1] == M.ANGULAR_UPDATE:
+            group = M.split_theory_tag(tag)[0]
+            pred = M.theory_tag(group, M.ANGULAR_EQUILIBRIUM)
+            layout[f"theory {group}"] = {
+                f"{group}: angular update Δ_t (rad), measured vs sqrt(2ηλ/(1+γ))":
+                    tags(tag, *([pred] if pred in tag_set else [])),
+                f"{group}: intrinsic LR ηλ": tags(M.theory_tag(group, M.INTRINSIC_LR)),
+            }
     return layout
 
 
 def logged_opt_tags(logdir: Path) -> list:
-    """Every opt/<group>/<stat> tag that a run under logdir (the arms, per seed too) has logged, sorted."""
+    """Every opt/<group>/<stat> and theory/<group>/<stat> tag that a run under logdir (the arms, per seed too) has
+    logged, sorted."""
     found = set()
     for d in sorted(p for p in Path(logdir).rglob("*") if p.is_dir() and not p.name.startswith(".")):
         for path in event_files(d):
             for ev in read_events(path):
-                found.update(v.tag for v in ev.summary.value
-                             if v.HasField("simple_value") and M.split_opt_tag(v.tag) is not None)
+                found.update(v.tag for v in ev.summary.value if v.HasField("simple_value")
+                             and (M.split_opt_tag(v.tag) is not None or M.split_theory_tag(v.tag) is not None))
     return sorted(found)
 
 

@@ -8,6 +8,7 @@ half-written PNG.
     plot_compare(runs, out_dir, gap=...)   arms overlaid + gap (and the control's gap)  -> <out_dir>/*.png
     plot_compare_seeds(arms, out_dir, gaps=...)   the same over several seeds: mean lines, mean ± sd bands
     plot_curves / plot_bands / plot_gap / plot_gap_bands   one figure each
+    plot_theory(arms, path)   per invariant group: measured angular update of every arm beside its prediction
 (One run's plots from its event files: bigexp.analysis.report.plot_run.)
 """
 from __future__ import annotations
@@ -182,6 +183,37 @@ def plot_bands(arms: Mapping[str, Sequence[Scalars]], path: Path, *, title: str,
         plt.close(fig)
 
 
+def plot_theory(arms: Mapping[str, Sequence[Scalars]], path: Path) -> Path | None:
+    """theory.png: one panel per invariant group, the angular update Delta_t of every arm (mean ± sd band over its
+    seeds when it has several) and the equilibrium prediction sqrt(2*eta*lambda/(1+gamma)) (the baseline's, the
+    first arm: both arms log the same one), log y. None when no run logged the theory."""
+    rx = re.compile(M.theory_tag_regex(M.ANGULAR_UPDATE))
+    groups = sorted({m.group(1) for seeds in arms.values() for sc in seeds for t in sc for m in [rx.match(t)] if m})
+    if not groups:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(groups), 1, figsize=(7.0, 3.2 * len(groups)), sharex=True, squeeze=False)
+    try:
+        for ax, group in zip(axes[:, 0], groups):
+            measured, pred = M.theory_tag(group, M.ANGULAR_UPDATE), M.theory_tag(group, M.ANGULAR_EQUILIBRIUM)
+            for arm, seeds in arms.items():
+                series = [sc[measured] for sc in seeds if measured in sc and len(sc[measured][0]) > 0]
+                if series:
+                    _draw_band(ax, f"{arm}: measured Δ_t", band(series), len(series), floor=GAP_FLOOR)
+            first = next((sc[pred] for seeds in arms.values() for sc in seeds if pred in sc), None)
+            if first is not None:
+                ax.plot(first[0], _positive(first[1], None), "k--", label="prediction sqrt(2ηλ/(1+γ))")
+            ax.set_yscale("log")
+            ax.set_ylabel(f"{group}: angle (rad)", fontsize=8)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7, loc="best")
+        axes[0, 0].set_title("angular update per step Δ_t = ∠(w_t, w_{t+1}) vs spherical-motion equilibrium")
+        axes[-1, 0].set_xlabel("optimizer step")
+        return save_figure_atomic(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def plot_compare(runs: Mapping[str, Scalars], out_dir: Path, gap: Scalars | None = None,
                  control_gap: Scalars | None = None) -> list[Path]:
     """The standard curves with all `runs` overlaid, plus gap.png when `gap` has scalars (the control's gap
@@ -192,6 +224,9 @@ def plot_compare(runs: Mapping[str, Scalars], out_dir: Path, gap: Scalars | None
         p = plot_curves(runs, out_dir / f"{stem}.png", title=title, ylabel=ylabel, pattern=pattern, logy=logy)
         if p is not None:
             written.append(p)
+    p = plot_theory({run: [scalars] for run, scalars in runs.items()}, out_dir / "theory.png")
+    if p is not None:
+        written.append(p)
     if gap:
         p = plot_gap(gap, out_dir / "gap.png", control=control_gap)
         if p is not None:
@@ -210,6 +245,9 @@ def plot_compare_seeds(arms: Mapping[str, Sequence[Scalars]], out_dir: Path,
                        pattern=pattern, logy=logy)
         if p is not None:
             written.append(p)
+    p = plot_theory(arms, out_dir / "theory.png")
+    if p is not None:
+        written.append(p)
     if gaps:
         p = plot_gap_bands(gaps, out_dir / "gap.png")
         if p is not None:

@@ -22,6 +22,7 @@ from bigexp.analysis.events import (BASELINE_ARM, CONTROL_ARM, GAP_CONTROL_RUN, 
                                     baseline_and_twin, seed_run, write_gap_run, write_layout)
 from bigexp.analysis.probes import ProbeRecorder, compute_gap, probe_batch
 from bigexp.analysis.report import build_report
+from bigexp.analysis.seeds import seeds_layout
 from bigexp.config import arm_config
 from bigexp.config.schema import Config
 from bigexp.errors import ConfigError
@@ -65,10 +66,7 @@ def run_arms(cfg: Config) -> list:
 
 def seed_layout(cfg: Config) -> list:
     """[None] for the single-seed layout (compare.seeds empty or one seed), else the seeds, checked."""
-    seeds = list(cfg.compare.seeds)
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"compare.seeds = {seeds}: each seed at most once (they share the run directory name)")
-    return seeds if len(seeds) > 1 else [None]
+    return seeds_layout(cfg.compare.seeds)
 
 
 def seeded(cfg: Config, seed: Optional[int]) -> Config:

@@ -27,6 +27,7 @@ from bigexp.memory_format import check_cpu_channels_last, resolve_memory_format
 from bigexp.models import build_model
 from bigexp.optim.build import BuiltOptimizer, build_optimizer, group_stats
 from bigexp.optim.schedules import ParamGroupScheduler, build_schedule
+from bigexp.run.angular import AngleSnapshot
 from bigexp.run.checkpoint import CheckpointManager, model_signature
 from bigexp.run.distributed import DistContext, init_distributed, rank_threads, reset_threads
 from bigexp.run.engine import Engine, build_engine, micro_batch_size, precision_dtype
@@ -244,6 +245,10 @@ def _train_epoch(run: Run, state: LoopState) -> bool:
     for _ in range(run.steps_per_epoch - first // group):
         t0 = time.perf_counter()
         micro = itertools.islice(batches, group)
+        logs = _logs_at(run, state.global_step + 1)
+        # A logged step's angular update needs the weights before it: a copy of the invariant groups, on logging
+        # steps only (steady steps copy and read nothing; bigexp.run.angular).
+        before = AngleSnapshot(run.built.optimizer, run.built.group_names) if logs else None
         if run.faults.nan_at_step == state.global_step + 1:
             micro = ((torch.full_like(x, float("nan")), y) for x, y in micro)
         out = train_step(run.engine, micro, ctx, label_smoothing=cfg.optim.label_smoothing,
@@ -258,8 +263,8 @@ def _train_epoch(run: Run, state: LoopState) -> bool:
             run.step_hook(state.global_step, run.engine)
         if run.faults.step_delay_s is not None:
             time.sleep(run.faults.step_delay_s)
-        if state.global_step % cfg.log.every_steps == 0 or state.global_step == run.total_steps:
-            _log_step(run, state, window, t0, bar)
+        if logs:
+            _log_step(run, state, window, t0, bar, before)
             window = _LogWindow()
         if out.stop_ranks:  # preemption: checkpoint at this step boundary and leave
             _save(run, state)
@@ -289,19 +294,26 @@ def _non_finite_loss(run: Run, state: LoopState, out: StepResult) -> NonFiniteLo
         f"Last checkpoint: {newest[0] if newest else 'none'}")
 
 
-def _log_step(run: Run, state: LoopState, window: _LogWindow, t0: float, bar) -> None:
+def _logs_at(run: Run, step: int) -> bool:
+    """Whether optimizer step `step` (as logged) writes a log line: every log.every_steps, and the run's last."""
+    return step % run.cfg.log.every_steps == 0 or step == run.total_steps
+
+
+def _log_step(run: Run, state: LoopState, window: _LogWindow, t0: float, bar, before: AngleSnapshot) -> None:
     """One log line: the window's loss (mean over every rank: a collective, so every rank logs at the same steps),
-    throughput, the last step's time and grad norm, per-group optimizer statistics, renormalisations since the
-    previous line."""
+    throughput, the last step's time and grad norm, per-group optimizer statistics, the invariant groups' angular
+    update against `before` (the weights before this step) beside its theory, renormalisations since the previous
+    line."""
     cfg = run.cfg
     stats = group_stats(run.built.optimizer, run.built.group_names)
+    theory = before.measure(run.built.optimizer)  # a collective too, through the norms' reduction
     mean_loss = torch.stack((window.loss_sum, window.loss_sum.new_tensor(float(window.loss_n))))  # on the device
     run.ctx.all_reduce_sum(mean_loss)
     dt = time.perf_counter() - window.t0
     scalars = {TRAIN_LOSS: float(mean_loss[0] / mean_loss[1]), TRAIN_IMG_PER_S: window.imgs / dt,
                TRAIN_STEP_TIME_S: time.perf_counter() - t0, TRAIN_GRAD_NORM: grad_norm(run.engine),
                TRAIN_LOSS_SCALE: run.engine.loss_scale() if cfg.engine.precision == "fp16" else None,
-               TRAIN_EPOCH: state.epoch + state.batch_in_epoch / max(1, len(run.train_loader)), **stats}
+               TRAIN_EPOCH: state.epoch + state.batch_in_epoch / max(1, len(run.train_loader)), **stats, **theory}
     renorms = sum(v for tag, v in stats.items() if opt_stat(tag) == RENORM_COUNT)
     if state.last_renorms is not None and renorms > state.last_renorms:
         scalars[EVENTS_RENORM] = renorms - state.last_renorms

@@ -8,6 +8,7 @@ below, never through a string of its own. x axis = optimizer step for every scal
   opt/<group>/{base_lr, applied_lr, effective_lr, weight_norm, log_A, renorm_count}   one set per param group
   opt/<group>/log10_{applied_lr, effective_lr, weight_norm}   compare only: TensorBoard has no per-chart log axis
   val/top1, val/top5, val/loss          (percent for top-k)
+  theory/<group>/{angular_update, angular_equilibrium, intrinsic_lr}   invariant groups (bigexp.run.angular)
   events/renorm                         (renormalisations since the previous log line, where there were any)
   hparam/{top1, top5, loss}             the final val metrics beside the run's hparams
   gap/...                               the equivalence gap between a compare's arms (its own run, gap/)
@@ -24,8 +25,8 @@ from pathlib import Path
 from typing import Optional
 
 # ---------------------------------------------------------------------------------------------- tag table
-TRAIN_PREFIX, VAL_PREFIX, OPT_PREFIX, EVENTS_PREFIX, HPARAM_PREFIX, GAP_PREFIX = (
-    "train/", "val/", "opt/", "events/", "hparam/", "gap/")
+TRAIN_PREFIX, VAL_PREFIX, OPT_PREFIX, EVENTS_PREFIX, HPARAM_PREFIX, GAP_PREFIX, THEORY_PREFIX = (
+    "train/", "val/", "opt/", "events/", "hparam/", "gap/", "theory/")
 
 TRAIN_LOSS = "train/loss"
 TRAIN_IMG_PER_S = "train/img_per_s"
@@ -50,6 +51,11 @@ OPT_STATS = (BASE_LR, APPLIED_LR, EFFECTIVE_LR, WEIGHT_NORM, LOG_A, RENORM_COUNT
 LOG10_PREFIX = "log10_"
 LOG10_STATS = (APPLIED_LR, EFFECTIVE_LR, WEIGHT_NORM)  # spanning orders of magnitude: compare adds log10_<stat>
 
+# theory/<group>/<stat>: an invariant group's measured angular update Delta_t (radians, the angle between w_t and
+# w_{t+1}), its equilibrium prediction sqrt(2*eta*lambda/(1+gamma)), the intrinsic LR eta*lambda
+ANGULAR_UPDATE, ANGULAR_EQUILIBRIUM, INTRINSIC_LR = "angular_update", "angular_equilibrium", "intrinsic_lr"
+THEORY_STATS = (ANGULAR_UPDATE, ANGULAR_EQUILIBRIUM, INTRINSIC_LR)
+
 GAP_MAX_ABS_LOGIT = "gap/max_abs_logit"
 GAP_REL_MAX_ABS_LOGIT = "gap/rel_max_abs_logit"
 GAP_KL = "gap/kl"
@@ -72,9 +78,14 @@ def opt_tag(group: str, stat: str) -> str:
 
 def split_opt_tag(tag: str) -> Optional[tuple[str, str]]:
     """(group, stat) of an `opt/<group>/<stat>` tag; None for any other tag."""
-    if not tag.startswith(OPT_PREFIX):
+    return _split_group_tag(OPT_PREFIX, tag)
+
+
+def _split_group_tag(prefix: str, tag: str) -> Optional[tuple[str, str]]:
+    """(group, stat) of `<prefix><group>/<stat>` (a group name may hold '/': the stat is the last part)."""
+    if not tag.startswith(prefix):
         return None
-    group, sep, stat = tag[len(OPT_PREFIX):].rpartition("/")
+    group, sep, stat = tag[len(prefix):].rpartition("/")
     return (group, stat) if sep and group else None
 
 
@@ -82,6 +93,21 @@ def opt_stat(tag: str) -> Optional[str]:
     """The <stat> of an `opt/<group>/<stat>` tag; None for any other tag."""
     parts = split_opt_tag(tag)
     return parts[1] if parts else None
+
+
+def theory_tag(group: str, stat: str) -> str:
+    """`theory/<group>/<stat>`, e.g. theory_tag("scale_invariant", ANGULAR_UPDATE)."""
+    return f"{THEORY_PREFIX}{group}/{stat}"
+
+
+def split_theory_tag(tag: str) -> Optional[tuple[str, str]]:
+    """(group, stat) of a `theory/<group>/<stat>` tag; None for any other tag."""
+    return _split_group_tag(THEORY_PREFIX, tag)
+
+
+def theory_tag_regex(stat: str, group: str = "(.+)") -> str:
+    """A regex matching theory/<group>/<stat>, the group the first capture group (as `opt_tag_regex`)."""
+    return f"^{re.escape(THEORY_PREFIX)}{group}/{re.escape(stat)}$"
 
 
 def log10_tag(tag: str) -> str:
