@@ -11,11 +11,19 @@
 #   two-ranks-one-gpu
 #                 2 ranks sharing the GPU through the cpu:gloo,cuda:nccl group with the device check on
 #   resnet50      bench/gpu.sh's ResNet-50 img/s (bigexp step vs plain PyTorch), peak memory, FFCV loader on the GPU
+#   optimizer-resnet50
+#                 bench/optimizer.py on the GPU: ExpSGD / torch SGD step time on ResNet-50's params, foreach and fused
+#                 kernels (JSON: $OUT/optimizer.json)
+#   compile-resnet50
+#                 bench/compile.py on the GPU: the bigexp step (bf16_autocast, channels-last) of ResNet-50 at 224 px,
+#                 eager vs engine.compile (inductor), the exp-LR arm: compile time and compiled/eager step-time ratio
+#                 (JSON: $OUT/compile.json; capped at COMPILE_LIMIT_S, last, so it cannot starve the checks above)
 # Written and checked on CPU only (no GPU was lent to the session that wrote it): the first GPU run is its test.
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-LIMIT_S=${BIGEXP_GPU_VALIDATE_LIMIT_S:-420}
+LIMIT_S=${BIGEXP_GPU_VALIDATE_LIMIT_S:-470}   # under 8 minutes in all
+COMPILE_LIMIT_S=${BIGEXP_GPU_COMPILE_LIMIT_S:-150}
 export BIGEXP_GPU_BENCH_LIMIT_S=${BIGEXP_GPU_BENCH_LIMIT_S:-150}
 OUT=${OUT:-$ROOT/bench/out}/validate
 mkdir -p "$OUT"
@@ -45,5 +53,9 @@ for prec in bf16_autocast bf16 fp16; do
 done
 check two-ranks-one-gpu "$PY" -m torch.distributed.run --nproc_per_node 2 -m bigexp train --config configs/fmnist/main.yaml \
   run.out_dir="$OUT/runs" run.name=two_ranks engine.zero_stage=1 "${TINY[@]}"
+check optimizer-resnet50 sh -c '"$0" bench/optimizer.py --devices cuda --arch resnet50 --rounds 3 > "$1"' \
+  "$PY" "$OUT/optimizer.json"
+check compile-resnet50 timeout --kill-after=10 "$COMPILE_LIMIT_S" sh -c '"$0" bench/compile.py --device cuda \
+  --cases resnet50:224:64:5 --arms expsgd --precision bf16_autocast --rounds 3 > "$1"' "$PY" "$OUT/compile.json"
 say "done: $fails failed"
 exit "$fails"

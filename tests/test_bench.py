@@ -53,6 +53,16 @@ def test_train_bench():
         assert v["ratio"] > 0
 
 
+def test_compile_bench():
+    # dynamo's eager backend: the bench's plumbing without inductor's minutes of C++ compilation
+    r = run_json("compile.py", "--cases", "fmnist_resnet:32:8:1", "--arms", "expsgd", "--rounds", "1",
+                 "--backend", "eager")
+    assert r["backend"] == "eager" and set(r["results"]) == {"fmnist_resnet@32px/b8/fp32/expsgd"}
+    v = r["results"]["fmnist_resnet@32px/b8/fp32/expsgd"]
+    assert v["eager_s_per_step"]["median"] > 0 and v["compiled_s_per_step"]["median"] > 0
+    assert v["ratio_compiled_over_eager"] > 0 and "compile_s" in v and r["load_avg_start"]
+
+
 @pytest.fixture(scope="module")
 def bench_data_dir(tmp_path_factory):
     if not IMAGENET_SAMPLE.is_dir():
@@ -75,8 +85,9 @@ def test_gpu_bench_cpu_smoke(bench_data_dir):
     assert r["step"]["ratio"] > 0 and r["loader"]["images_per_s"]["median"] > 0
 
 
-def test_gpu_sh_parses():
-    proc = subprocess.run(["bash", "-n", str(BENCH / "gpu.sh")], capture_output=True, text=True)
+@pytest.mark.parametrize("script", ["gpu.sh", "gpu_validate.sh"])
+def test_gpu_sh_parses(script):
+    proc = subprocess.run(["bash", "-n", str(BENCH / script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 

@@ -8,6 +8,7 @@ would be overwritten by the masters at the next step.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,10 +20,22 @@ from bigexp.errors import ConfigError
 from bigexp.optim.dropin import attach_deepspeed, masters_are_sharded  # noqa: F401 - masters_are_sharded re-exported
 from bigexp.run.distributed import DistContext
 from bigexp.run.reshard import load_resharded_optimizer
+from bigexp.run.deepspeed_ops import skip_unused_ops
 
 # engine.precision -> the dtype of the model's inputs (and of the loaders' output): the one map, used by the loop too.
 # bf16_autocast: fp32 weights, inputs and BatchNorm statistics; torch.autocast runs convs and matmuls in bf16.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "bf16_autocast": torch.float32}
+
+
+# torch.compile's backend for engine.compile: an internal knob, not a config key. Tests set "eager" or "aot_eager"
+# (dynamo's tracing and guards without inductor's minutes of C++ compilation on 2 cores); runs use inductor.
+COMPILE_BACKEND_ENV = "BIGEXP_COMPILE_BACKEND"
+DEFAULT_COMPILE_BACKEND = "inductor"
+
+
+def compile_backend() -> str:
+    """The torch.compile backend engine.compile uses: $BIGEXP_COMPILE_BACKEND, else inductor."""
+    return os.environ.get(COMPILE_BACKEND_ENV) or DEFAULT_COMPILE_BACKEND
 
 
 def precision_dtype(precision: str) -> torch.dtype:
@@ -107,6 +120,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Opt
     """Wrap model + client optimizer in a DeepSpeed engine; wire ExpSGD's norm reduction when masters are sharded."""
     import deepspeed  # seconds to import: only here, so `bigexp --help` and config errors stay fast
 
+    skip_unused_ops()   # no g++ build of an op training never calls (see bigexp.run.deepspeed_ops)
+
     if cfg.engine.precision == "fp16" and ctx.device.type != "cuda":
         raise ConfigError("engine.precision = fp16 needs a GPU (DeepSpeed's fp16 path has no CPU kernels); "
                          "use bf16 on CPU")
@@ -120,8 +135,28 @@ def build_engine(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Opt
     ds_cfg = deepspeed_config(cfg, world_size=ctx.world_size)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=ds_cfg, dist_init_required=False)
+    if cfg.engine.compile:
+        compile_model(engine)
     sharded = attach_deepspeed(engine, optimizer, ctx.all_reduce_sum)   # the same call a user's script makes
     if sharded and not hasattr(optimizer, "norm_reduce"):  # torch SGD: optim.build.group_stats logs whole-group norms
         optimizer.norm_reduce = ctx.all_reduce_sum
     return Engine(ds=engine, client_optimizer=optimizer, scheduler=scheduler,
                   dtype=precision_dtype(cfg.engine.precision), sharded=sharded)
+
+
+def compile_model(engine) -> None:
+    """engine.compile = true: DeepSpeed's `engine.compile`, which calls `nn.Module.compile` on the engine's module.
+
+    Why this and not `torch.compile(model)` before `deepspeed.initialize`: nn.Module.compile compiles IN PLACE
+    (the module's forward goes through the compiled graph, the module object stays), so `engine.ds.module`,
+    its state_dict keys (no `_orig_mod.` prefix: checkpoints load into an uncompiled model and back), the
+    invariance groups, the BatchNorm-rescale hook and the probes all see the very same module. An
+    OptimizedModule wrapper would have renamed every key and hidden the BN layers behind `_orig_mod`.
+
+    Only the forward (and the backward autograd derives from it) is compiled: the optimizer step, and with it the
+    LR, the renormalisation and the exp-LR bookkeeping, stay eager Python, so a new LR every step changes no
+    graph. The renormalisation scales weights and BN statistics in place (same tensors, new values): no guard
+    fails. What does recompile: train vs eval mode, grad vs no_grad (the probes), a new batch shape (the last
+    val batch; dynamo then marks the batch dimension dynamic) -- a bounded few graphs, not one per step.
+    """
+    engine.compile(backend=compile_backend())
