@@ -6,6 +6,7 @@
 # MAX_RESTARTS (default 1): after a rank fails (its node died, say), each surviving agent stops its ranks and
 # re-rendezvous; the group restarts once NNODES agents are back (start the lost node's command again), resuming from
 # the last checkpoint (run.resume defaults to auto). The rendezvous host's own death ends the job: start it anew.
+# RDZV_CONF=join_timeout=S,... bounds how long the survivors wait for the lost node (torch's default: 600 s).
 # LOCAL_ADDR: this node's address as the others reach it (torchrun --local_addr; default: its hostname), e.g. when
 #   the hostname resolves to an interface the other nodes cannot reach. RDZV_CONF: torchrun --rdzv_conf (k=v,...).
 # PYTHON: run `$PYTHON -m torch.distributed.run` instead of the torchrun on PATH.
@@ -21,6 +22,13 @@ if [ -n "${LOCAL_ADDR:-}" ]; then
   [ "$LOCAL_ADDR" != "${RDZV_ENDPOINT%:*}" ] || [[ $CONF == *is_host* ]] || CONF=${CONF:+$CONF,}is_host=true
 fi
 [ -z "$CONF" ] || EXTRA+=(--rdzv_conf "$CONF")
+# No store shared between the agents and the ranks (torch 2.14.1's default shares it): a node started again joins a
+# later rendezvous round and waits for MASTER_ADDR under that round's key, which the surviving rank-0 agent never
+# writes again (it keeps its round-0 bootstrap info: dynamic_rendezvous.py next_rendezvous), so the survivor times
+# out collecting the new node's role_info; the ranks' restart-count prefix would disagree too (pytorch#135712,
+# bigexp/run/distributed.py agent_store_prefix). Unshared, each worker group's rank 0 serves a fresh store at a fresh
+# port. In-place recovery: tests/test_multinode.py.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 exec "${TORCHRUN[@]}" --nnodes "$NNODES" --nproc_per_node "$NPROC" \
   --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "${RDZV_ID:-bigexp}" \
   --max_restarts "${MAX_RESTARTS:-1}" "${EXTRA[@]}" \

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# `bigexp compare` on SLURM: one array task per arm of compare.arms (each `bigexp compare --arm ARM` through
-# slurm/bigexp.sbatch: preemption and requeue as there), then the report (`bigexp compare --layout-only`: layout,
-# gap run, report.md) as a job that starts once every arm has succeeded (--dependency=afterok:<array>).
+# `bigexp compare` on SLURM: one array task per arm of compare.arms, and per seed when compare.seeds has several
+# (each `bigexp compare --arm ARM [--seed S]` through slurm/bigexp.sbatch: preemption and requeue as there; run
+# directories <arm> or <arm>/seed<s>), then the report (`bigexp compare --layout-only`: layout, gap runs, report.md
+# with the seed table) as a job that starts once every task has succeeded (--dependency=afterok:<array>).
 #   slurm/compare_array.sh [sbatch options for the arms ...] CONFIG [key=value ...]
 #   e.g. slurm/compare_array.sh --ntasks=2 --time=2:00:00 configs/fmnist/main.yaml run.epochs=2
 # PYTHON: interpreter with bigexp (default python). The report's output goes to <run.out_dir>/<run.name>/.
@@ -13,9 +14,12 @@ CONFIG=${1:?usage: $0 [sbatch options] CONFIG [key=value ...]}; shift
 
 IFS=$'\t' read -r N LOGDIR NAME ARM_NAMES < <("$PYTHON" -m bigexp config --config "$CONFIG" "$@" | "$PYTHON" -c '
 import sys, yaml
+from bigexp.analysis.events import seed_run
+from bigexp.analysis.seeds import array_tasks
 c = yaml.safe_load(sys.stdin) or sys.exit(2)   # bigexp config said why
-arms = c["compare"]["arms"]
-print(len(arms), c["run"]["out_dir"] + "/" + c["run"]["name"], c["run"]["name"], " ".join(arms), sep="\t")') ||
+tasks = array_tasks(c["compare"]["arms"], c["compare"]["seeds"])
+print(len(tasks), c["run"]["out_dir"] + "/" + c["run"]["name"], c["run"]["name"],
+      " ".join(f"{i}={seed_run(a, s)}" for i, (a, s) in enumerate(tasks)), sep="\t")') ||
   { echo "compare_array: could not resolve $CONFIG $*" >&2; exit 2; }
 mkdir -p "$LOGDIR"
 
@@ -26,5 +30,5 @@ ARMS=${ARMS%%;*}   # "jobid;cluster" on federated clusters
 REPORT=$(sbatch --parsable --dependency="afterok:$ARMS" --kill-on-invalid-dep=yes --job-name="bigexp-$NAME-report" \
   "${OPTS[@]}" --nodes=1 --ntasks=1 --output="$LOGDIR/slurm-report-%j.out" \
   --wrap="$(printf '%q ' "$PYTHON" -m bigexp compare --config "$CONFIG" --layout-only "$@")")
-echo "arms:   job $ARMS, array tasks 0-$((N - 1)): $ARM_NAMES (run directories under $LOGDIR/)"
+echo "arms:   job $ARMS, array tasks 0-$((N - 1)): $ARM_NAMES (task=run directory under $LOGDIR/)"
 echo "report: job ${REPORT%%;*} after every arm succeeded (afterok), log $LOGDIR/slurm-report-${REPORT%%;*}.out"

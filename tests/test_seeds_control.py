@@ -281,6 +281,20 @@ def test_band_plot_draws_the_mean_and_a_band(tmp_path, monkeypatch):
     assert set(lines) == {"sgd: plain (mean ± sd, 2 seeds)", "sgd: scale_invariant (mean ± sd, 2 seeds)"}
 
 
+def test_array_tasks_cover_every_arm_and_seed_once_arm_major():
+    """SLURM array task -> (arm, seed) (slurm/bigexp.sbatch, compare_array.sh). Would catch: a seed-major order
+    the scripts' task count disagrees with, a seed dropped or repeated, --seed passed in a single-seed layout (its
+    run directory <arm> would become <arm>/seed<s>), duplicate seeds accepted."""
+    from bigexp.analysis.seeds import array_tasks
+    from bigexp.errors import ConfigError
+
+    assert array_tasks(["sgd", "expsgd"], [3, 5]) == [("sgd", 3), ("sgd", 5), ("expsgd", 3), ("expsgd", 5)]
+    assert array_tasks(["sgd", "expsgd"], []) == array_tasks(["sgd", "expsgd"], [7]) == [("sgd", None),
+                                                                                     ("expsgd", None)]
+    with pytest.raises(ConfigError, match="compare.seeds"):
+        array_tasks(["sgd"], [1, 2, 1])
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_compare_cli_with_seeds_and_control(tmp_path, tmp_path_factory):

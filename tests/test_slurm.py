@@ -10,8 +10,8 @@ absent), is interrupted the three ways clusters do it, in this order:
   (b) `scancel --signal=USR1 --batch` (what an admin or a preemption script sends): the same path
   (b) `scontrol requeue` from outside: SLURM SIGTERMs every process itself (the ranks checkpoint) and requeues
 and must end BITWISE equal to the same run uninterrupted: `sbatch --ntasks=1` with NPROC_PER_NODE=2 (torchrun
-starts the ranks). Beside them, sharing the node (-s): `slurm/compare_array.sh` (one array task per arm, the
-report as an afterok job) and three jobs the script must refuse, each with a clear message.
+starts the ranks). Beside them, sharing the node (-s): `slurm/compare_array.sh` with compare.seeds (one array task
+per arm and seed, the report as an afterok job) and three jobs the script must refuse, each with a clear message.
 A test-only hook (BIGEXP_TEST_STEP_DELAY_S) slows the interrupted job's steps so each signal lands mid-run.
 """
 from __future__ import annotations
@@ -20,16 +20,19 @@ import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO, child_env, fmnist_betons
 from test_compare import small_overrides
 from test_reliability_dist import diff, rel_args, resumed_at, state_of, steps_saved
+from test_seeds_control import _scalars_of
 
 # The fixture drives every job and ends with them; under a loaded machine it outlasts pytest's 900 s default.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -39,6 +42,7 @@ BODY = "slurm/bigexp.sbatch"
 STEPS = 32            # rel_args: 2 epochs of 512 images at batch 32
 DELAY_S = 1.5         # per step of the interrupted job: SLURM's time-limit check runs every 30 s
 TIMEOUT_S = 1400      # all of the fixture; ~4 min on an idle 2-core machine
+SEEDS = (0, 1)        # compare_array.sh: 2 arms x 2 seeds, one array task each
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
         "PREEMPTED"}
 
@@ -96,7 +100,10 @@ def info(jid: int) -> dict:
 
 
 def ended(jid: int) -> bool:
-    return all(d.get("JobState") in DONE for d in infos(jid))
+    """Every task of the job in a final state. No answer is not an end: `scontrol show job` timing out on a busy
+    slurmctld printed nothing, which once let the fixture scancel a job in the middle of its last run."""
+    got = infos(jid)
+    return bool(got) and all(d.get("JobState") in DONE for d in got)
 
 
 def runs_of(jid: int) -> list[str]:
@@ -164,8 +171,8 @@ def jobs(cluster, tmp_path_factory):
                                env=job_env(NPROC_PER_NODE="2"))
         ids.append(rec["ref_id"])
         out = _sh("bash", "slurm/compare_array.sh", "-s", "--ntasks=1", f"--output={tmp}/arm-%a.out",
-                  "configs/fmnist/base.yaml", *small_overrides(data, tmp / "cmp"), "log.plots=false", timeout=120,
-                  env=job_env())
+                  "configs/fmnist/base.yaml", *small_overrides(data, tmp / "cmp"), "log.plots=false",
+                  f"compare.seeds=[{','.join(map(str, SEEDS))}]", timeout=120, env=job_env())
         rec["array_out"] = out
         rec["arms_id"], rec["report_id"] = (int(x) for x in re.findall(r"job (\d+)", out))
         ids += [rec["arms_id"], rec["report_id"]]
@@ -259,20 +266,34 @@ def test_refused_jobs_fail_at_once_with_the_reason(jobs):
     assert "[bigexp] preempted" not in read(tmp / "idle.out")
 
 
-def test_compare_array_runs_one_task_per_arm_then_the_report(jobs):
+def test_compare_array_runs_one_task_per_arm_and_seed_then_the_report(jobs):
     tmp, inf = jobs["tmp"], jobs["info"]
     logdir = tmp / "cmp" / "cmp"
     arms = jobs["arms"]
-    assert sorted(a.get("ArrayTaskId") for a in arms) == ["0", "1"], jobs["array_out"]
+    assert sorted(a.get("ArrayTaskId") for a in arms) == ["0", "1", "2", "3"], jobs["array_out"]
     for a in arms:
         assert a["JobState"] == "COMPLETED", read(tmp / f"arm-{a['ArrayTaskId']}.out")[-3000:]
-    for arm in ("sgd", "expsgd"):
-        assert (logdir / arm / "config.yaml").is_file() and steps_saved(logdir / arm), arm
+    # task -> (arm, seed), arm-major: each task trained its own run directory with its own seed
+    for task, (arm, seed) in enumerate((a, s) for a in ("sgd", "expsgd") for s in SEEDS):
+        assert f"{task}={arm}/seed{seed}" in jobs["array_out"], jobs["array_out"]
+        run = logdir / arm / f"seed{seed}"
+        assert f"--arm {arm} --seed {seed}" in read(tmp / f"arm-{task}.out"), read(tmp / f"arm-{task}.out")[-3000:]
+        assert (run / "config.yaml").is_file() and steps_saved(run), run
+        assert yaml.safe_load((run / "config.yaml").read_text())["run"]["seed"] == seed
     report = inf[jobs["report_id"]]
     assert report["JobState"] == "COMPLETED", read(next(logdir.glob("slurm-report-*.out"), tmp / "none"))
     assert report["Dependency"] == "(null)" and (logdir / "report.md").is_file()
-    # the report started only after both arms had ended
+    # the report started only after every task had ended
     assert info_time(report["StartTime"]) >= max(info_time(a["EndTime"]) for a in arms)
+    # its seed table holds the numbers in the tasks' event files (read with TensorBoard, statistics here)
+    text = (logdir / "report.md").read_text()
+    top1 = {(a, s): _scalars_of(logdir / a / f"seed{s}")["val/top1"] for a in ("sgd", "expsgd") for s in SEEDS}
+    fin = {k: v[max(v)] for k, v in top1.items()}
+    for arm in ("sgd", "expsgd"):
+        f = [fin[arm, s] for s in SEEDS]
+        assert f"| {arm} | 0, 1 | {statistics.mean(f):.2f} ± {statistics.stdev(f):.2f} |" in text, text
+    diffs = [fin["expsgd", s] - fin["sgd", s] for s in SEEDS]
+    assert f"| expsgd − sgd | final top-1 % | {diffs[0]:+.2f}, {diffs[1]:+.2f} |" in text, text
 
 
 def info_time(t: str) -> float:

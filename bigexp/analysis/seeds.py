@@ -7,6 +7,8 @@
     verdict(name, d)             one line: "no detectable difference" or "<name> better/worse by X ± Y"
     band(series)                 mean ± sd across seeds at the steps every seed logged (plots' bands)
     seeds_section(...)           the report's markdown for several seeds
+    seeds_layout(seeds)          [None] (one seed: run dirs <arm>) or the seeds (run dirs <arm>/seed<s>), checked
+    array_tasks(arms, seeds)     (arm, seed) of each SLURM array task of `bigexp compare` (slurm/compare_array.sh)
 
 The interval assumes the per-seed differences are independent draws from one normal distribution; with 2-5 seeds
 it is wide (t = 12.7 for 2 seeds), which is the honest answer: a difference smaller than it is not resolved.
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 from bigexp.analysis.markdown import markdown_table
+from bigexp.errors import ConfigError
 
 CONFIDENCE = 0.95
 METRICS = (("final_top1", "final top-1 %"), ("best_top1", "best top-1 %"))   # (ArmSummary attribute, label)
@@ -172,3 +175,19 @@ def seeds_section(by_arm: Mapping[str, Mapping[int, object]], baseline: str) -> 
         lines += [markdown_table(["paired", "metric", "per seed", f"{CONFIDENCE:.0%} interval", "verdict"],
                                  diff_rows), ""]
     return "\n".join(lines)
+
+
+def seeds_layout(seeds: Sequence[int]) -> list:
+    """[None] for the single-seed layout (compare.seeds empty or one seed: run.seed is that seed, run directories
+    <arm>), else the seeds (run directories <arm>/seed<s>). A seed twice is a ConfigError: they share a directory."""
+    seeds = list(seeds)
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"compare.seeds = {seeds}: each seed at most once (they share the run directory name)")
+    return seeds if len(seeds) > 1 else [None]
+
+
+def array_tasks(arms: Sequence[str], seeds: Sequence[int]) -> list[tuple[str, Optional[int]]]:
+    """(arm, seed) of each task of a SLURM job array running `bigexp compare --arm ARM [--seed S]`: task i is
+    entry i, arm-major (all seeds of the first arm, then the next arm); seed None in the single-seed layout
+    (`seeds_layout`), where there is one task per arm and no --seed."""
+    return [(arm, seed) for arm in arms for seed in seeds_layout(seeds)]

@@ -115,6 +115,23 @@ def reset_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+def agent_store_prefix(env) -> str:
+    """The store key prefix a restarted torchrun worker group needs, or "" when it needs none.
+
+    torchrun --max-restarts with the agent's shared store (TORCHELASTIC_USE_AGENT_STORE=True, torch's default): the
+    new worker group talks through a store that still holds the dead group's keys (gloo/nccl addresses of every
+    process group). Unprefixed, the new ranks read those and connect to dead ports: "connectFullMesh failed ...
+    Connection refused", or a hang. One prefix per attempt keeps them apart; every later group (DeepSpeed's
+    new_group) inherits it from the default store. The attempt is the agent's own TORCHELASTIC_RESTART_COUNT, which
+    only agrees across nodes while every agent lived through every restart: a node started again counts from 0
+    (pytorch#135712), so launch/torchrun_multinode.sh turns the shared store off (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)
+    and each group's rank 0 then serves a fresh store at a fresh port, with no old keys and no prefix needed.
+    """
+    restart = int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    shared = env.get("TORCHELASTIC_USE_AGENT_STORE", "") == "True"
+    return f"bigexp/attempt{restart}" if shared and restart > 0 else ""
+
+
 def init_distributed(device: str = "auto") -> DistContext:
     """Initialise torch.distributed from the environment if a launcher set it up, else run as one process.
 
@@ -144,18 +161,14 @@ def init_distributed(device: str = "auto") -> DistContext:
             os.environ.setdefault("MASTER_PORT", "29500")
         timeout = datetime.timedelta(minutes=int(os.environ.get("BIGEXP_DIST_TIMEOUT_MIN", "30")))
         backend = process_group_backend("cuda" if use_cuda else "cpu")
-        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        prefix = agent_store_prefix(os.environ)
         if world == 1:
             # DeepSpeed wants a process group even for one rank. An in-process store needs no port: an inherited
             # MASTER_PORT (a parent that ran a group of its own, a test runner) cannot collide with it.
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-        elif restart > 0:
-            # torchrun --max-restarts: the new worker group talks through the agent's store, which still holds the
-            # dead group's keys (gloo/nccl addresses of every process group). Unprefixed, the new ranks read those and
-            # connect to dead ports: "connectFullMesh failed ... Connection refused", or a hang. One prefix per
-            # attempt keeps them apart; every later group (DeepSpeed's new_group) inherits it from the default store.
+        elif prefix:
             store, _, _ = next(rendezvous("env://", rank, world, timeout=timeout))
-            store = dist.PrefixStore(f"bigexp/attempt{restart}", store)
+            store = dist.PrefixStore(prefix, store)
             dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
         else:
             dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
