@@ -10,4 +10,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # The venv first on PATH for every child: torch builds DeepSpeed's CPU op with whichever `ninja` comes first, and the
 # venv's (1.13) and Debian's (1.11) disagree about whether that build is current, so mixed PATHs rebuild it each time.
 export PATH="$VENV/bin:$PATH"
-exec "$VENV/bin/python" -m pytest "$@"
+# Two workers, whole files each (--dist loadfile: a file's module fixtures - one SLURM cluster, one set of network
+# namespaces - stay in one process). Many tests wait rather than compute (SLURM requeues, torchrun start-up,
+# DeepSpeed imports), so two workers keep both cores busy; `-n 0` after these runs everything in one process.
+exec "$VENV/bin/python" -m pytest -n "${BIGEXP_TEST_WORKERS:-2}" --dist loadfile "$@"

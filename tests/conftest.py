@@ -52,3 +52,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# Files that take minutes (SLURM requeue waits, two-node restarts, multi-rank DeepSpeed runs), run first: with two
+# xdist workers taking whole files (launch/test.sh), a long file picked up last would leave one core idle at the end.
+LONG_FILES = ("test_slurm.py", "test_multinode.py", "test_reliability_dist.py", "test_world_size_resume.py",
+              "test_twin_exact.py", "test_compile.py", "test_zero2.py", "test_seeds_control.py", "test_examples.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    order = {id(item): n for n, item in enumerate(items)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(LONG_FILES)), order[id(item)]))
