@@ -54,7 +54,8 @@ def small_fmnist(tmp_path_factory):
 
 def e2e_cmd(out_dir: Path, data: Path, *extra: str) -> list[str]:
     return torchrun_cmd(train_args("configs/fmnist/main.yaml", out_dir, data, "e2e", "run.epochs=2",
-                                   "data.batch_size=64", "data.min_res=32", "data.random_crop=false", "model.width=8",
+                                   "data.batch_size=64", "data.min_res=32", "data.max_res=32", "data.val_res=32",
+                                   "data.random_crop=false", "model.width=8",
                                    "optim.optimizer=expsgd", "optim.renorm_every=3", "engine.zero_stage=1",
                                    "log.every_steps=2", "run.checkpoint_every_steps=4", "run.keep_checkpoints=2",
                                    "schedule.milestones=[1]", *extra))
