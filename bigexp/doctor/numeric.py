@@ -44,8 +44,8 @@ def _grads(model, x, y, autocast: bool = False) -> dict:
     return {n: p.grad.detach().double().cpu() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _batch(spec: dict):
-    g = torch.Generator().manual_seed(0)
+def _batch(spec: dict, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(spec["batch"], 3, spec["res"], spec["res"], generator=g)
     y = torch.randint(0, spec["model"]["num_classes"], (spec["batch"],), generator=g)
     return x, y
@@ -65,9 +65,45 @@ def _to_run_format(model, x, spec: dict):
     return model.to(device=device, dtype=dtype, memory_format=fmt), x.to(device, dtype).contiguous(memory_format=fmt)
 
 
+def _relu_masks(model, x) -> list:
+    """Which inputs of every nn.ReLU call were > 0, in call order, for one train-mode forward of `x`."""
+    masks = []
+    hooks = [m.register_forward_pre_hook(lambda _m, inp: masks.append((inp[0] > 0).cpu()))
+             for m in model.modules() if isinstance(m, torch.nn.ReLU)]
+    try:
+        with torch.no_grad():
+            model.train()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return masks
+
+
+def _flips(model, x, spec: dict) -> int:
+    """ReLU inputs on the other side of 0 in the run's format than in float64. One flip is a ~1e-2 gradient gap
+    that no kernel caused (seen: fmnist_resnet at 28 px, batch seed 0: one stem pre-activation of the 800k within
+    fp32's round-off of 0), so fp32 is judged on a batch without any."""
+    ref = _relu_masks(copy.deepcopy(model).double(), x.double())
+    run_model, run_x = _to_run_format(copy.deepcopy(model), x, spec)
+    got = _relu_masks(run_model, run_x)
+    return sum(int((a != b).sum()) for a, b in zip(ref, got)) + abs(len(ref) - len(got))
+
+
+def _judged_batch(model, spec: dict, tries: int = 8):
+    """The first batch seed (0, 1, ...) whose ReLU branches agree with float64 (fp32 only: in bf16 thousands
+    flip and the whole gradient's L2 error is judged), with the seeds skipped."""
+    skipped = []
+    for seed in range(tries if spec["dtype"] == "fp32" else 1):
+        x, y = _batch(spec, seed)
+        if spec["dtype"] != "fp32" or not _flips(model, x, spec):
+            return x, y, skipped
+        skipped.append(seed)
+    return x, y, skipped  # every try flipped: judged anyway, and the note says so
+
+
 def model_grad(spec: dict) -> dict:
     model = _model(spec)
-    x, y = _batch(spec)
+    x, y, skipped = _judged_batch(model, spec)
     ref = _grads(copy.deepcopy(model).double(), x.double(), y)
     run_model, run_x = _to_run_format(model, x, spec)
     got = _grads(run_model, run_x, y.to(spec["device"]), autocast=spec["dtype"] == "bf16_autocast")
@@ -82,7 +118,7 @@ def model_grad(spec: dict) -> dict:
         # Low precision: single elements (a BN bias gradient summed in bf16) are legitimately off by tens of
         # percent; the whole gradient's L2 error is what training feels.
         return {"value": whole, "param": f"whole gradient; worst element-wise {name} {worst:.1e}"}
-    return {"value": worst, "param": name, "whole": whole}
+    return {"value": worst, "param": name, "whole": whole, "skipped_seeds": skipped}
 
 
 def kernel_6035(spec: dict) -> dict:
