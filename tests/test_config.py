@@ -399,6 +399,7 @@ def test_shipped_config_facts():
     fm = load_config(os.path.join(REPO, "configs", "fmnist", "main.yaml"))
     assert fm.run.epochs == 4 and fm.compare.arms == ["sgd", "expsgd"] and fm.data.min_res == 28
     assert fm.optim.twin == "exact" and fm.data.fmnist_size == 28
+    assert fm.model.channels_last is True and fm.compare.parallel is True  # the 2-core speed-ups (README)
     rn = load_config(os.path.join(REPO, "configs", "imagenet", "rn50_step.yaml"))
     assert (rn.model.arch, rn.model.num_classes, rn.run.epochs, rn.schedule.milestones) == ("resnet50", 1000, 90,
                                                                                             [30, 60, 80])

@@ -31,7 +31,7 @@ def test_healthy_machine_json_and_exit_0():
     assert env["torch"].startswith(__import__("torch").__version__) and env["process group"] == "gloo"
     assert env["deepspeed"] != "not installed" and env["ffcv"] != "not installed"
     checks = out["checks"]
-    grads = checks["gradients fmnist_resnet fp32 NCHW"]
+    grads = checks["gradients fmnist_resnet fp32 channels-last"]  # main.yaml: model.channels_last true
     assert grads["status"] == "ok" and grads["value"] < 1e-4
     assert checks["scale invariance"]["status"] == "ok" and "invariant sets" in checks["scale invariance"]["detail"]
     assert checks["memory format"]["status"] == "ok" and out["ok"] is True

@@ -34,6 +34,9 @@ def compare_arguments(parser) -> None:
                         help="both arms in one plain PyTorch loop on the same batches (no DeepSpeed, one process)")
     parser.add_argument("--float64", action="store_true", help="--lockstep in double precision")
     parser.add_argument("--no-report", action="store_true", help="skip report.md and the plots")
+    parser.add_argument("--no-finish", action="store_true",
+                        help="train only: no layout, gap runs or report (compare.parallel's children; a later "
+                             "--layout-only writes them)")
 
 
 def print_summary(result) -> None:
@@ -73,8 +76,15 @@ def run_compare(args) -> int:
                   else compare(cfg, layout_only=True, report=not args.no_report))
         print_summary(result)
         return 0
-    result = compare(cfg, arm=args.arm, seed=args.seed, report=not args.no_report)
-    if os.environ.get("RANK", "0") == "0":
+    if cfg.compare.parallel and args.arm is None and args.seed is None and launcher_world_size() == 1:
+        from bigexp.analysis.parallel import compare_parallel
+        print_summary(compare_parallel(cfg, report=not args.no_report))
+        return 0
+    if cfg.compare.parallel and args.arm is None and launcher_world_size() > 1 and os.environ.get("RANK", "0") == "0":
+        print(f"[bigexp] compare.parallel: {launcher_world_size()} ranks train each arm together, one arm after the "
+              f"other", flush=True)
+    result = compare(cfg, arm=args.arm, seed=args.seed, report=not args.no_report, finish_layout=not args.no_finish)
+    if os.environ.get("RANK", "0") == "0" and not args.no_finish:
         print_summary(result)
     shutdown_distributed()
     exit_process(0)  # past C++ destructors: see bigexp.run.distributed.exit_process (gloo abort at exit)

@@ -117,10 +117,10 @@ def finish(cfg: Config, arms: list, result: CompareResult, *, write_gap: bool, r
 
 
 def compare(cfg: Config, *, arm: Optional[str] = None, seed: Optional[int] = None, layout_only: bool = False,
-            ctx=None, report: bool = True) -> CompareResult:
+            ctx=None, report: bool = True, finish_layout: bool = True) -> CompareResult:
     """Run the arms (and the control) one after the other, for each seed of compare.seeds (or only `arm`, only
-    `seed`), same seed and data order within a seed, into one logdir; then the gap runs, the custom-scalars layout
-    and the report. layout_only: no training."""
+    `seed`), same seed and data order within a seed, into one logdir; then (finish_layout) the gap runs, the
+    custom-scalars layout and the report. layout_only: no training."""
     arms = run_arms(cfg)
     seeds = seed_layout(cfg)
     if arm is not None and arm not in arms:
@@ -140,7 +140,7 @@ def compare(cfg: Config, *, arm: Optional[str] = None, seed: Optional[int] = Non
     for s in [seed] if seed is not None else seeds:
         for a in [arm] if arm is not None else arms:
             _train_arm(cfg, a, s, x, ctx, result)
-    if ctx.is_main:
+    if ctx.is_main and finish_layout:
         finish(cfg, arms, result, write_gap=True, report=report)
     ctx.barrier()
     return result

@@ -70,6 +70,8 @@ class DataConfig:
     max_res: int = f(32, "Training resolution at the end of the ramp (px).", gt=0)
     start_ramp_epoch: int = f(0, "Epoch at which progressive resizing starts.", ge=0)
     end_ramp_epoch: int = f(0, "Epoch at which the resolution reaches max_res.", ge=0)
+    res_step: int = f(32, "Ramp resolutions round to multiples of this (px): 32 for ImageNet as in FFCV's "
+                          "recipe, 4 for 28 px Fashion-MNIST.", gt=0)
     val_res: int = f(32, "Validation resolution (centre crop with ratio 224/256 for imagenet).", gt=0)
     os_cache: bool = f(False, "Let the OS page cache hold the file (FFCV os_cache) instead of FFCV's own.")
     random_crop: bool = f(True, "Random-resized-crop + flip on train (off: centre crop, no flip).")
@@ -179,6 +181,10 @@ class CompareConfig:
     seeds: list[int] = f([], "Run every arm for each of these seeds (run.seed = s, run dirs <arm>/seed<s>); the "
                              "report gives mean ± sd and the paired twin − baseline difference with a 95 % "
                              "interval. [] or one seed: the single-seed layout (one seed replaces run.seed).", ge=0)
+    parallel: bool = f(False, "On CPU: the runs (arms × seeds, the control) as concurrent processes of one "
+                              "thread group each, the cores split among them (a small net gains ~1.3x on 2 cores: "
+                              "bench/parallel_arms.py), then the gap and report. On CUDA, and under a launcher "
+                              "of several ranks (they train each arm together), one after the other.")
 
 
 @dataclass

@@ -255,7 +255,7 @@ class TrainLoader(_FFCVBatches):
         self.order = order
         self.epoch = 0
         self.resolution = resolution_for_epoch(0, cfg.min_res, cfg.max_res, cfg.start_ramp_epoch,
-                                               cfg.end_ramp_epoch)
+                                               cfg.end_ramp_epoch, cfg.res_step)
         size = (self.resolution, self.resolution)
         if cfg.random_crop:
             # crop AND flip, reproducible per (seed, epoch, sample)
@@ -277,7 +277,8 @@ class TrainLoader(_FFCVBatches):
             raise ValueError(f"epoch={epoch}: expected >= 0")
         self.epoch = int(epoch)
         self.resolution = resolution_for_epoch(self.epoch, self.cfg.min_res, self.cfg.max_res,
-                                               self.cfg.start_ramp_epoch, self.cfg.end_ramp_epoch)
+                                               self.cfg.start_ramp_epoch, self.cfg.end_ramp_epoch,
+                                               self.cfg.res_step)
         # Buffers are sized from output_size when each epoch's iterator allocates them, so changing
         # it between epochs needs no recompilation (as in FFCV's ImageNet example).
         self._decoder.output_size = (self.resolution, self.resolution)

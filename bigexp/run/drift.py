@@ -52,7 +52,7 @@ KEY_CLASSES: dict[str, str] = {
     "data.dataset": _T, "data.train_source": _F, "data.val_source": _F, "data.train_beton": _C,
     "data.val_beton": _C, "data.write_missing": _F, "data.batch_size": _T, "data.num_workers": _F,
     "data.min_res": _T, "data.max_res": _T, "data.start_ramp_epoch": _T, "data.end_ramp_epoch": _T,
-    "data.val_res": _T, "data.os_cache": _F, "data.random_crop": _T, "data.crop_scale_min": _T,
+    "data.res_step": _T, "data.val_res": _T, "data.os_cache": _F, "data.random_crop": _T, "data.crop_scale_min": _T,
     "data.fmnist_size": _F, "data.write_max_res": _F, "data.write_jpeg_quality": _F,
     "data.write_compress_probability": _F, "data.write_mode": _F, "data.skip_corrupt": _F,
     "data.channels_last": _T,
@@ -72,7 +72,7 @@ KEY_CLASSES: dict[str, str] = {
     # trajectory is in the run/optim keys that arm_config resolves for it.
     "log.tensorboard": _F, "log.every_steps": _F, "log.plots": _F,
     "compare.arms": _F, "compare.probe_every_steps": _F, "compare.probe_batch": _F, "compare.control": _F,
-    "compare.seeds": _F,
+    "compare.seeds": _F, "compare.parallel": _F,
 }
 # Classified ahead of their schema field (proposed or being added elsewhere); the test allows only these extras.
 NOT_YET_IN_SCHEMA = frozenset()
