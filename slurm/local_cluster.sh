@@ -69,6 +69,10 @@ MpiDefault=none
        || echo "no usable cgroups here: linuxproc (a process that re-parents itself escapes job cleanup)" )
 ProctrackType=$pt
 TaskPlugin=task/none
+# On scancel / scontrol requeue / preemption SLURM sends SIGTERM and, KillWait seconds later, SIGKILL. Ranks finish
+# their step and checkpoint on SIGTERM; a loaded 2-core machine took over the default 30 s for that (SIGKILLed after
+# the save, before the exit), so give them 180 s. A job that exits sooner is not held back by it.
+KillWait=180
 ReturnToService=2
 # scontrol show job keeps a finished job for an hour (default 5 min); sacct --completion has it for good.
 MinJobAge=3600

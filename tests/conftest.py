@@ -57,7 +57,15 @@ def one_thread():
 # Files that take minutes (SLURM requeue waits, two-node restarts, multi-rank DeepSpeed runs), run first: with two
 # xdist workers taking whole files (launch/test.sh), a long file picked up last would leave one core idle at the end.
 LONG_FILES = ("test_slurm.py", "test_multinode.py", "test_reliability_dist.py", "test_world_size_resume.py",
-              "test_twin_exact.py", "test_compile.py", "test_zero2.py", "test_seeds_control.py", "test_examples.py")
+              "test_twin_exact.py", "test_compile.py", "test_zero2.py", "test_seeds_control.py", "test_examples.py",
+              "test_compare_parallel.py")
+
+
+def pytest_configure(config):
+    """pytest-xdist (3.x) hands out --dist loadfile files by number of tests, most first (--loadscope-reorder, on by
+    default), which would put LONG_FILES - few tests each - last: the order below is the one that should hold."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):
