@@ -50,6 +50,11 @@ def test_plan_splits_the_cores():
     assert plan(cfg, cores=2) == (2, 1) and plan(cfg, cores=4) == (4, 1)
     cfg.compare.control, cfg.run.threads = True, 3
     assert plan(cfg, cores=64) == (9, 3)  # 3 arms x 3 seeds; run.threads as set
+    # the cores this process may use (a SLURM allocation, taskset), not the node's: for the children and for a rank
+    one = subprocess.run(["taskset", "-c", "0", sys.executable, "-c",
+                          "from bigexp.run.distributed import rank_threads; print(rank_threads(None, 1))"],
+                         cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert one.stdout.strip() == "1", one.stderr
 
 
 def test_parallel_equals_sequential_and_finishes(data, tmp_path):

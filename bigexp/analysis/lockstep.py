@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from bigexp.memory_format import check_cpu_channels_last, resolve_memory_format
 from bigexp.models import build_model
 from bigexp.optim.build import build_optimizer, group_stats
 from bigexp.optim.schedules import ParamGroupScheduler, build_schedule
-from bigexp.run.distributed import DistContext
+from bigexp.run.distributed import DistContext, rank_threads
 from bigexp.run import metrics as M
 from bigexp.run.metrics import TBLogger
 from bigexp.run.step import evaluate
@@ -178,7 +177,7 @@ def lockstep(cfg: Config, *, float64: bool = False, report: bool = True,
     dtype = torch.float64 if float64 else torch.float32
     # float64 BatchNorm has no fast channels-last kernel on CPU (~50x slower): plain NCHW there.
     fmt = torch.channels_last if cfg.model.channels_last and not float64 else torch.contiguous_format
-    threads = cfg.run.threads or max(1, os.cpu_count() or 1)
+    threads = rank_threads(cfg.run.threads, 1)
     torch.set_num_threads(threads)
     ensure_betons(cfg.data, progress=progress)
     data = copy.deepcopy(cfg.data)

@@ -35,6 +35,7 @@ from bigexp.config import save_resolved
 from bigexp.config.schema import Config
 from bigexp.data.ensure import ensure_betons
 from bigexp.errors import BigexpError
+from bigexp.run.distributed import usable_cores
 
 CONFIG_FILE = "compare.yaml"
 # tqdm's line for an epoch of an arm: "<run.name> epoch 3:  45%|####  | 212/469 [00:31<00:38, 6.8it/s]"
@@ -69,7 +70,7 @@ def uses_cuda(cfg: Config) -> bool:
 def plan(cfg: Config, cores: Optional[int] = None) -> tuple[int, int]:
     """(children at a time, torch threads each) for this comparison on `cores` CPUs: one child per run up to the
     core count, the cores split evenly (run.threads, when set, is kept)."""
-    cores = cores or os.cpu_count() or 1
+    cores = cores or usable_cores()
     runs = len(run_arms(cfg)) * len(seed_layout(cfg))
     at_once = max(1, min(runs, cores))
     return at_once, cfg.run.threads or max(1, cores // at_once)

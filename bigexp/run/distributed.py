@@ -103,10 +103,19 @@ def launcher_world_size() -> int:
     return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on: a SLURM allocation's or taskset's (sched_getaffinity), not the node's
+    os.cpu_count(), which on a 64-core node with --cpus-per-task=2 would start 64 threads on 2 cores."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
 def rank_threads(requested: int, local_world_size: int) -> int:
-    """torch CPU threads for this rank: `requested` (run.threads) when > 0, else this node's cores shared evenly
-    among its ranks (at least 1)."""
-    return requested or max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+    """torch CPU threads for this rank: `requested` (run.threads) when > 0, else the cores this process may use
+    shared evenly among the node's ranks (at least 1)."""
+    return requested or max(1, usable_cores() // max(1, local_world_size))
 
 
 def reset_threads(n: int) -> None:
