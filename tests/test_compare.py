@@ -214,4 +214,12 @@ def test_lockstep_float64_shows_the_theorem(tmp_path, tmp_path_factory):
         assert r["gap/top1_agreement"] == 1.0
     ev = _events(tmp_path / "lock/gap")
     assert set(ev["gap/kl"]) == {0, 1, 2, 3}
+    # the theory charts in lockstep too: in float64 the twin's weight directions are the baseline's, so its angular
+    # update per step is the same angle (measured: equal in the event file's float32; a snapshot after the step reads 0)
+    from bigexp.run import metrics as M
+    delta = M.theory_tag("scale_invariant", M.ANGULAR_UPDATE)
+    base, twin = _events(tmp_path / "lock/sgd")[delta], _events(tmp_path / "lock/expsgd")[delta]
+    assert set(base) == set(twin) == {1, 2, 3}
+    for step in base:
+        assert base[step] > 1e-4 and abs(twin[step] - base[step]) <= 1e-6 * base[step], (step, base, twin)
     assert (tmp_path / "lock/sgd/config.yaml").is_file() and "val/top1" in _events(tmp_path / "lock/expsgd")

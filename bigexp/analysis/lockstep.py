@@ -33,6 +33,7 @@ from bigexp.memory_format import check_cpu_channels_last, resolve_memory_format
 from bigexp.models import build_model
 from bigexp.optim.build import build_optimizer, group_stats
 from bigexp.optim.schedules import ParamGroupScheduler, build_schedule
+from bigexp.run.angular import AngleSnapshot
 from bigexp.run.distributed import DistContext, rank_threads
 from bigexp.run import metrics as M
 from bigexp.run.metrics import TBLogger
@@ -140,13 +141,15 @@ class _LiveGap:
             self.logger.close()
 
 
-def _log_train(state: dict, step: int, epoch: int, spe: int) -> None:
-    """The logging window's train scalars of every arm, then a fresh window."""
-    for s in state.values():
+def _log_train(state: dict, step: int, epoch: int, spe: int, before: dict) -> None:
+    """The logging window's train scalars of every arm, with its invariant groups' angular update over this step
+    against `before` (arm -> AngleSnapshot taken just before it) beside the theory, then a fresh window."""
+    for a, s in state.items():
         stats = group_stats(s.plain.optimizer, s.group_names)
+        theory = before[a].measure(s.plain.optimizer) if a in before else {}
         s.logger.scalars(step, {M.TRAIN_LOSS: s.loss_sum / max(1, s.loss_n),
                                 M.TRAIN_IMG_PER_S: s.imgs / max(s.seconds, 1e-9),
-                                M.TRAIN_EPOCH: epoch + (step - epoch * spe) / spe, **stats})
+                                M.TRAIN_EPOCH: epoch + (step - epoch * spe) / spe, **stats, **theory})
         s.loss_sum, s.loss_n, s.seconds, s.imgs = 0.0, 0, 0.0, 0
 
 
@@ -207,6 +210,9 @@ def lockstep(cfg: Config, *, float64: bool = False, report: bool = True,
         for x, y in train_loader:
             torch.set_num_threads(threads)
             x = x.to(dtype).contiguous(memory_format=fmt)
+            logs = (step + 1) % cfg.log.every_steps == 0 or step + 1 == total
+            # the weights before a logged step, for its angular update (bigexp.run.angular), as the training loop
+            before = {a: AngleSnapshot(s.plain.optimizer, s.group_names) for a, s in state.items()} if logs else {}
             for a, (loss, seconds) in step_together(arms_plain, x, y,
                                                     label_smoothing=cfg.optim.label_smoothing).items():
                 s = state[a]
@@ -215,8 +221,8 @@ def lockstep(cfg: Config, *, float64: bool = False, report: bool = True,
             step += 1
             if bar is not None:
                 bar.update(1)
-            if step % cfg.log.every_steps == 0 or step == total:
-                _log_train(state, step, epoch, spe)
+            if logs:
+                _log_train(state, step, epoch, spe, before)
             if step % cfg.compare.probe_every_steps == 0 or step == total:
                 gap.measure(step)
             if step >= total:
