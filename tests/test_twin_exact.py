@@ -309,3 +309,29 @@ def test_deepspeed_engine_modes_keep_the_exact_twin(tmp_path):
         assert r["native_eval"] > 4 * bar, (mode, r)
         if mode.startswith("fp32"):
             assert r["native_train"] > 100 * bar, (mode, r)
+
+
+@pytest.mark.parametrize("twin", ["exact", "native"])
+def test_for_model_drop_in_takes_the_twin(twin):
+    """`ExpSGD.for_model(..., twin="exact")` for a user's own script: the same bar as above, eval mode included, on
+    the plain constructor path (measured: eval gap 1.2e-13 after 300 steps); native misses it in eval mode (0.83:
+    its eps and running stats sit at the twin's scale)."""
+    torch.manual_seed(0)
+    base = _net("bn").double()
+    exp = copy.deepcopy(base)
+    xs, ys, probe = _data(1)
+    groups, _ = param_groups(base, xs[0], lr=LR, weight_decay=WD)
+    sgd = torch.optim.SGD(groups, lr=LR, momentum=MOM, weight_decay=WD)
+    opt = ExpSGD.for_model(exp, xs[0], lr=LR, momentum=MOM, weight_decay=WD, renorm_every=37, renorm_band=None,
+                           audit_every=None, twin=twin)
+    assert (opt.exact_twin is not None) == (twin == "exact")
+    for t in range(300):
+        for model, o in ((base, sgd), (exp, opt)):
+            o.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xs[t % len(xs)]), ys[t % len(ys)]).backward()
+            o.step()
+    (_, eb), (_, ex) = _outputs(base, probe), _outputs(exp, probe)
+    ge = _rel(ex, eb)
+    assert (ge <= TOL) if twin == "exact" else (ge > 1e3 * TOL), f"{twin}: eval gap {ge:.2e}"
+    with pytest.raises(ValueError, match="twin='exat'"):
+        ExpSGD.for_model(copy.deepcopy(base), xs[0], lr=LR, twin="exat")

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from bigexp.optim.invariance import param_groups, running_stats_rescaler
+from bigexp.optim.twin import ExactTwin
 
 __all__ = ["twin_for_model", "attach_deepspeed", "masters_are_sharded", "grad_cosines", "GradCosAudit", "unwrap",
            "GRAD_COS_THRESHOLD"]
@@ -53,7 +54,7 @@ def twin_for_model(cls, model: nn.Module, example_input: torch.Tensor, *, lr: fl
               plain_weight_decay: Optional[float] = None, granularity: str = "joint", tol: float = 1e-3,
               check=True, audit_every: Optional[int] = 100, audit_threshold: float = GRAD_COS_THRESHOLD,
               norm_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-              foreach: bool = True):
+              foreach: bool = True, twin: str = "native"):
     """The exact exponential-LR twin of `torch.optim.SGD(model.parameters(), lr, momentum, weight_decay=...)`:
     an instance of `cls` (ExpSGD; it is passed in because `ExpSGD.for_model` is the public entry and this module
     must not import expsgd back).
@@ -63,20 +64,27 @@ def twin_for_model(cls, model: nn.Module, example_input: torch.Tensor, *, lr: fl
     modes are restored). lr, momentum (heavy-ball, [0, 1)), weight_decay (>= 0): SGD's. plain_weight_decay: the
     weight decay of the non-invariant parameters (default: weight_decay, which is what SGD applies to them).
     renorm_every / renorm_band / norm_reduce / foreach: `ExpSGD`'s. granularity, tol, check: `param_groups`'.
-    audit_every: install a `GradCosAudit` run before every audit_every-th step (None: none).
+    audit_every: install a `GradCosAudit` run before every audit_every-th step (None: none). twin: "native" (eps
+    and BatchNorm's running statistics as they are: train mode equal up to eps) or "exact" (an `ExactTwin` attached:
+    eps and running statistics follow the weights' scale, so eval mode is SGD's function too; `opt.exact_twin`).
 
     Returns the optimizer with `invariance_report` (which parameter went where, and why), `group_names` and
     `grad_audit` (or None) attached. Frozen parameters are in no group (SGD never moves them either).
     """
+    if twin not in ("native", "exact"):
+        raise ValueError(f"twin={twin!r}: expected 'native' or 'exact'")
     bare = unwrap(model)
     groups, report = param_groups(bare, example_input, lr=lr, weight_decay=weight_decay,
                                   plain_weight_decay=plain_weight_decay, granularity=granularity, tol=tol,
                                   check=check)
     # DeepSpeed silently drops empty groups, which would shift the group indices on_renorm receives.
     groups = [g for g in groups if len(g["params"]) > 0]
+    exact = ExactTwin(bare, report, groups) if twin == "exact" else None
+    # the exact twin moves the running stats at every scale change, renormalisations included: no second rescaler
+    on_renorm = exact.on_renorm if exact is not None else running_stats_rescaler(bare, report, groups)
     opt = cls(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, renorm_every=renorm_every,
-                 renorm_band=renorm_band, norm_reduce=norm_reduce,
-                 on_renorm=running_stats_rescaler(bare, report, groups), foreach=foreach)
+                 renorm_band=renorm_band, norm_reduce=norm_reduce, on_renorm=on_renorm, foreach=foreach)
+    opt.exact_twin = exact.attach(opt) if exact is not None else None
     opt.invariance_report = report
     opt.group_names = [g["name"] for g in groups]
     opt.grad_audit = None
