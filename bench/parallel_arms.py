@@ -30,7 +30,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
+from bigexp.run import allocator  # noqa: E402
+
 LAYOUTS = {"seq_nchw": (1, False), "seq_cl": (1, True), "par_nchw": (2, False), "par_cl": (2, True)}
+TCMALLOC_LAYOUT = "par_cl_tcmalloc"  # par_cl with gperftools' tcmalloc preloaded (compare.parallel's children)
 
 
 def parse(argv=None):
@@ -72,7 +75,7 @@ def worker(args) -> None:
     print(json.dumps({"step_s": sorted(times)[len(times) // 2]}), flush=True)
 
 
-def run_layout(args, name: str) -> float:
+def run_layout(args, name: str, preload: str | None = None) -> float:
     """Seconds per step of one arm's work in layout `name` (a parallel layout's step / its process count)."""
     procs, channels_last = LAYOUTS[name]
     threads = max(1, (os.cpu_count() or 1) // procs)
@@ -80,6 +83,8 @@ def run_layout(args, name: str) -> float:
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
             "--res", str(args.res), "--width", str(args.width)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if preload:
+        env["LD_PRELOAD"] = preload
     children = [subprocess.Popen(argv, stdout=subprocess.PIPE, env=env, text=True) for _ in range(procs)]
     steps = []
     for ch in children:
@@ -97,11 +102,20 @@ def main(argv=None) -> None:
         return
     C.take_stdout()
     report = C.base_report("parallel_arms", args)
-    runs = C.alternate({name: (lambda n=name: run_layout(args, n)) for name in LAYOUTS}, rounds=args.rounds, warmup=0)
+    layouts = {name: (lambda n=name: run_layout(args, n)) for name in LAYOUTS}
+    tcmalloc = allocator.tcmalloc_path()
+    if tcmalloc:
+        layouts[TCMALLOC_LAYOUT] = lambda: run_layout(args, "par_cl", preload=tcmalloc)
+    else:
+        report["notes"].append("tcmalloc not found (apt install libtcmalloc-minimal4): par_cl_tcmalloc not measured")
+    runs = C.alternate(layouts, rounds=args.rounds, warmup=0)
     med = {name: C.summary(v)["median"] for name, v in runs.items()}
     report["layouts"] = {name: {"arm_step_s": med[name], "rounds": runs[name],
-                                "ratio_vs_seq_nchw": med[name] / med["seq_nchw"]} for name in LAYOUTS}
+                                "ratio_vs_seq_nchw": med[name] / med["seq_nchw"]} for name in layouts}
     report["ratio_par_cl_vs_seq_cl"] = med["par_cl"] / med["seq_cl"]
+    if tcmalloc:
+        report["tcmalloc"] = tcmalloc
+        report["ratio_par_cl_tcmalloc_vs_par_cl"] = med[TCMALLOC_LAYOUT] / med["par_cl"]
     C.emit(report)
 
 

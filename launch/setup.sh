@@ -8,8 +8,9 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${BIGEXP_VENV:-$ROOT/.venv}
 PY=${PYTHON:-python3}
 
-# ffcv compiles against OpenCV and libjpeg-turbo; Fashion-MNIST is the embedded default data set.
-APT_PKGS=(g++ pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist)
+# ffcv compiles against OpenCV and libjpeg-turbo; Fashion-MNIST is the embedded default data set; tcmalloc is
+# the malloc compare.parallel's arm processes preload (bigexp/run/allocator.py).
+APT_PKGS=(g++ pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist libtcmalloc-minimal4)
 missing=()
 for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -4,7 +4,9 @@ What could go wrong and is checked here on real runs (DeepSpeed engines, FFCV lo
 a child trains something else than the sequential compare would (so each arm's val metrics must equal a
 sequential run's bit for bit, same thread count), the parent finishes before its children or without their gap, a
 Ctrl-C that loses the children's work (it must checkpoint both, and the rerun must resume both to the same end),
-a failing child reported as success, and a bad arm config found only after another arm started.
+a failing child reported as success, and a bad arm config found only after another arm started. The children run
+on tcmalloc (compare.allocator: auto, launch/setup.sh installs it) and the sequential compare on glibc in this
+process, so the bitwise equality also says the allocator changes no result.
 """
 from __future__ import annotations
 
@@ -57,6 +59,30 @@ def test_plan_splits_the_cores():
     assert one.stdout.strip() == "1", one.stderr
 
 
+def test_children_preload_tcmalloc_and_a_missing_one_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    from bigexp.analysis import parallel
+    from bigexp.config import load_config
+    from bigexp.errors import ConfigError
+    from bigexp.run import allocator
+
+    lib = allocator.tcmalloc_path()
+    assert lib, f"tcmalloc not installed: {allocator.INSTALL_HINT}"
+    env = allocator.with_preload({**os.environ, "LD_PRELOAD": "/x/other.so"}, lib)
+    assert env["LD_PRELOAD"].split() == [lib, "/x/other.so"]
+    env["LD_PRELOAD"] = lib  # what a child started with it has mapped (the loader took it, not just the variable)
+    maps = subprocess.run([sys.executable, "-c", "print(open('/proc/self/maps').read())"], env=env,
+                          capture_output=True, text=True, check=True).stdout
+    assert Path(lib).name in maps
+    assert allocator.resolve("system") is None and allocator.resolve("auto") == lib
+
+    monkeypatch.setattr(allocator, "tcmalloc_path", lambda: None)
+    assert allocator.resolve("auto") is None
+    cfg = load_config(str(REPO / "configs/fmnist/main.yaml"), [f"run.out_dir={tmp_path}", "compare.allocator=tcmalloc"])
+    with pytest.raises(ConfigError, match="compare.allocator: tcmalloc is not installed") as e:
+        parallel.compare_parallel(cfg, cores=2)
+    assert e.value.exit_code == 2 and not any(tmp_path.iterdir())
+
+
 def test_parallel_equals_sequential_and_finishes(data, tmp_path):
     from bigexp.analysis.runner import compare
     from bigexp.config import load_config
@@ -64,7 +90,7 @@ def test_parallel_equals_sequential_and_finishes(data, tmp_path):
     over = small_overrides(data, tmp_path / "par", "p")
     r = _cli(*over, "compare.parallel=true")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "2 runs, 2 at a time, 1 torch thread(s) each" in r.stdout
+    assert "2 runs, 2 at a time, 1 torch thread(s) each, malloc libtcmalloc" in r.stdout, r.stdout
     assert "[sgd] ended: done" in r.stdout and "[expsgd] ended: done" in r.stdout
     logdir = tmp_path / "par" / "p"
     assert (logdir / "report.md").is_file() and (logdir / "compare.yaml").is_file()

@@ -34,7 +34,8 @@ from bigexp.analysis.runner import (CompareResult, arm_cfg_for, compare, finish,
 from bigexp.config import save_resolved
 from bigexp.config.schema import Config
 from bigexp.data.ensure import ensure_betons
-from bigexp.errors import BigexpError
+from bigexp.errors import BigexpError, ConfigError
+from bigexp.run import allocator
 from bigexp.run.distributed import usable_cores
 
 CONFIG_FILE = "compare.yaml"
@@ -84,6 +85,7 @@ def compare_parallel(cfg: Config, *, report: bool = True, cores: Optional[int] =
               "arrays for a device per arm)", flush=True)
         return compare(cfg, report=report)
     at_once, threads = plan(cfg, cores)
+    malloc = _allocator(cfg)
     arms, seeds = run_arms(cfg), seed_layout(cfg)
     for s in seeds:  # every arm's config checked before any child starts (an expsgd twin may not exist)
         for a in arms:
@@ -95,9 +97,9 @@ def compare_parallel(cfg: Config, *, report: bool = True, cores: Optional[int] =
     save_resolved(cfg, config_path)
     children = [Child(seed_run(a, s), _child_argv(config_path, a, s, threads, cfg))
                 for s in seeds for a in arms]
-    print(f"[bigexp] compare.parallel: {len(children)} runs, {at_once} at a time, {threads} torch thread(s) each; "
-          f"config {config_path}", flush=True)
-    completed = _run_all(children, at_once, threads)
+    print(f"[bigexp] compare.parallel: {len(children)} runs, {at_once} at a time, {threads} torch thread(s) each, "
+          f"malloc {Path(malloc).name if malloc else 'system'}; config {config_path}", flush=True)
+    completed = _run_all(children, at_once, threads, malloc)
     failed = {c.name: c.code for c in children if c.code}
     if failed:
         raise ArmProcessError(failed)
@@ -110,6 +112,14 @@ def compare_parallel(cfg: Config, *, report: bool = True, cores: Optional[int] =
     return result
 
 
+def _allocator(cfg: Config) -> Optional[str]:
+    """The malloc library the children preload (None: the system's), checked before anything is written."""
+    try:
+        return allocator.resolve(cfg.compare.allocator)
+    except LookupError as e:
+        raise ConfigError(f"compare.allocator: {e}; or set compare.allocator=auto / system") from None
+
+
 def _child_argv(config_path: Path, arm: str, seed: Optional[int], threads: int, cfg: Config) -> list:
     argv = [sys.executable, "-m", "bigexp", "compare", "--config", str(config_path), "--arm", arm, "--no-finish"]
     if seed is not None:
@@ -118,10 +128,11 @@ def _child_argv(config_path: Path, arm: str, seed: Optional[int], threads: int, 
     return argv + [f"run.threads={threads}", f"data.num_workers={workers}", "compare.parallel=false"]
 
 
-def _run_all(children: list, at_once: int, threads: int) -> bool:
-    """Start the children, at most `at_once` alive, until every one has ended; progress on stderr meanwhile.
-    Returns False when a signal stopped them (each has checkpointed), True when all ran to their end."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+def _run_all(children: list, at_once: int, threads: int, malloc: Optional[str] = None) -> bool:
+    """Start the children (preloading `malloc`), at most `at_once` alive, until every one has ended; progress on
+    stderr meanwhile. Returns False when a signal stopped them (each has checkpointed), True when all ran to
+    their end."""
+    env = allocator.with_preload(dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)), malloc)
     pending, alive, lock = list(children), [], threading.Lock()
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     stopped = []

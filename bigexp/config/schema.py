@@ -185,6 +185,9 @@ class CompareConfig:
                               "thread group each, the cores split among them (a small net gains ~1.3x on 2 cores: "
                               "bench/parallel_arms.py), then the gap and report. On CUDA, and under a launcher "
                               "of several ranks (they train each arm together), one after the other.")
+    allocator: str = f("auto", "malloc of compare.parallel's arm processes: tcmalloc (preloaded; the main job's step "
+                               "0.84x glibc's on 2 cores, same bits: bench/parallel_arms.py) | system | auto "
+                               "(tcmalloc when installed, else the system's).", choices=["auto", "tcmalloc", "system"])
 
 
 @dataclass
