@@ -72,7 +72,7 @@ KEY_CLASSES: dict[str, str] = {
     # trajectory is in the run/optim keys that arm_config resolves for it.
     "log.tensorboard": _F, "log.every_steps": _F, "log.plots": _F,
     "compare.arms": _F, "compare.probe_every_steps": _F, "compare.probe_batch": _F, "compare.control": _F,
-    "compare.seeds": _F, "compare.parallel": _F,
+    "compare.seeds": _F, "compare.parallel": _F, "compare.allocator": _F,
 }
 # Classified ahead of their schema field (proposed or being added elsewhere); the test allows only these extras.
 NOT_YET_IN_SCHEMA = frozenset()
