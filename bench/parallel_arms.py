@@ -82,9 +82,7 @@ def run_layout(args, name: str, preload: str | None = None) -> float:
     argv = [sys.executable, __file__, "--worker", str(threads), "1" if channels_last else "0",
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
             "--res", str(args.res), "--width", str(args.width)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    if preload:
-        env["LD_PRELOAD"] = preload
+    env = allocator.with_preload(dict(os.environ, OMP_NUM_THREADS=str(threads)), preload)
     children = [subprocess.Popen(argv, stdout=subprocess.PIPE, env=env, text=True) for _ in range(procs)]
     steps = []
     for ch in children:

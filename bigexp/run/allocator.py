@@ -8,7 +8,6 @@ one already running. It changes where tensors live, not what is computed.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -48,10 +47,3 @@ def with_preload(env: dict, library: Optional[str]) -> dict:
     out["LD_PRELOAD"] = " ".join([library, *rest])
     return out
 
-
-def preloaded() -> Optional[str]:
-    """The tcmalloc library this process was started with, if any (for the run's notes)."""
-    for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split():
-        if Path(p).name in _NAMES:
-            return p
-    return None
